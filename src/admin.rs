@@ -1,0 +1,64 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (live) and `/readyz` (503 while
+//! draining). Served apart from the WebSocket listener, by default on loopback only.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::http_metrics;
+use crate::telemetry::Telemetry;
+
+#[derive(Clone)]
+struct AdminState {
+    telemetry: Arc<Telemetry>,
+    draining: CancellationToken,
+}
+
+/// The admin router. `draining` turns `/readyz` to 503 once cancelled.
+pub fn router(telemetry: Arc<Telemetry>, draining: CancellationToken) -> Router {
+    let events = telemetry.events().clone();
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(AdminState {
+            telemetry,
+            draining,
+        })
+        .layer(middleware::from_fn_with_state(events, http_metrics::record))
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    match s.telemetry.render_prometheus() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(error = %err, "rendering /metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rendering metrics failed\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if s.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}

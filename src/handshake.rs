@@ -1,0 +1,309 @@
+//! The WebSocket routes and everything decided before the upgrade: draining, room name,
+//! Origin, the upgrade headers and the connection limit. Each refusal is a plain HTTP answer
+//! (400, 403, 503...) counted in `websocket.server.rejected_connections` by `error.type`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connection::{self, ConnectionContext, ConnectionKind};
+use crate::http_metrics;
+use crate::rooms::{Rooms, valid_room_name};
+use crate::telemetry::{Events, RejectReason, Route};
+
+/// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
+/// zero-filled before every read) dominated both idle memory and echo CPU (../shared/FACTS.md).
+const READ_BUFFER: usize = 4 * 1024;
+/// Written frames are collected up to this size before a write is forced.
+const WRITE_BUFFER: usize = 8 * 1024;
+
+/// State shared by every WebSocket request.
+#[derive(Clone)]
+pub struct WsState {
+    inner: Arc<WsInner>,
+}
+
+struct WsInner {
+    config: Config,
+    events: Events,
+    rooms: Rooms,
+    /// One permit per open connection, held from the handshake to the end of its task; the
+    /// drain waits until every permit is back.
+    slots: Arc<Semaphore>,
+    /// Cancelled when the server starts draining.
+    shutdown: CancellationToken,
+    next_id: AtomicU64,
+    allowed_origins: Vec<String>,
+}
+
+impl WsState {
+    /// State for a server with `config`, recording through `events`, draining on `shutdown`.
+    pub fn new(config: Config, events: Events, shutdown: CancellationToken) -> Self {
+        let allowed_origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .collect();
+        WsState {
+            inner: Arc::new(WsInner {
+                slots: Arc::new(Semaphore::new(config.max_connections as usize)),
+                rooms: Rooms::new(events.clone()),
+                events,
+                shutdown,
+                next_id: AtomicU64::new(1),
+                allowed_origins,
+                config,
+            }),
+        }
+    }
+
+    /// Connections open right now (handshakes accepted and not yet finished).
+    pub fn open_connections(&self) -> usize {
+        self.inner.config.max_connections as usize - self.inner.slots.available_permits()
+    }
+
+    /// Waits until every connection task has finished.
+    pub async fn drained(&self) {
+        let all = self.inner.config.max_connections;
+        // The semaphore is never closed, so this only returns once every permit is back.
+        let _ = self.inner.slots.acquire_many(all).await;
+    }
+}
+
+/// The WebSocket router: `/ws/echo` and `/ws/rooms/{room}`.
+pub fn router(state: WsState) -> Router {
+    let events = state.inner.events.clone();
+    Router::new()
+        .route("/ws/echo", get(echo))
+        .route("/ws/rooms/{room}", get(room))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(events, http_metrics::record))
+}
+
+async fn echo(
+    State(state): State<WsState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    upgrade(state, Route::Echo, None, peer, &headers, ws)
+}
+
+async fn room(
+    State(state): State<WsState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    upgrade(state, Route::Rooms, Some(name), peer, &headers, ws)
+}
+
+fn reject(
+    events: &Events,
+    route: Route,
+    reason: RejectReason,
+    status: StatusCode,
+    peer: SocketAddr,
+) -> Response {
+    events.handshake_rejected(Some(route), reason);
+    tracing::info!(
+        http.route = route.as_str(),
+        error.type = reason.as_str(),
+        client.address = %peer.ip(),
+        http.response.status_code = status.as_u16(),
+        "handshake rejected"
+    );
+    (status, reason.as_str()).into_response()
+}
+
+fn upgrade(
+    state: WsState,
+    route: Route,
+    room: Option<String>,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let s = &state.inner;
+    let events = &s.events;
+    if s.shutdown.is_cancelled() {
+        return reject(
+            events,
+            route,
+            RejectReason::ShuttingDown,
+            StatusCode::SERVICE_UNAVAILABLE,
+            peer,
+        );
+    }
+    if let Some(name) = &room {
+        if !valid_room_name(name) {
+            return reject(
+                events,
+                route,
+                RejectReason::InvalidRoom,
+                StatusCode::BAD_REQUEST,
+                peer,
+            );
+        }
+    }
+    if !origin_allowed(headers, &s.allowed_origins) {
+        return reject(
+            events,
+            route,
+            RejectReason::OriginDenied,
+            StatusCode::FORBIDDEN,
+            peer,
+        );
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            let status = rejection.status();
+            return reject(events, route, RejectReason::BadRequest, status, peer);
+        }
+    };
+    let Ok(permit) = s.slots.clone().try_acquire_owned() else {
+        return reject(
+            events,
+            route,
+            RejectReason::ConnectionLimit,
+            StatusCode::SERVICE_UNAVAILABLE,
+            peer,
+        );
+    };
+
+    let config = &s.config;
+    let kind = match room {
+        None => ConnectionKind::Echo,
+        Some(name) => ConnectionKind::Room {
+            rooms: s.rooms.clone(),
+            name,
+            queue: config.outbound_queue as usize,
+        },
+    };
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let shutdown = s.shutdown.clone();
+    let events = events.clone();
+    let (ping_interval, pong_timeout) = (config.ping_interval, config.pong_timeout);
+    let max = config.max_message_size;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + 2 * max + 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade(|err| tracing::debug!(error = %err, "upgrade failed after 101"))
+        .on_upgrade(move |socket| {
+            let ctx = ConnectionContext {
+                id,
+                guard: events.connection_opened(route),
+                shutdown,
+                ping_interval,
+                pong_timeout,
+                kind,
+            };
+            async move {
+                connection::serve(socket, ctx).await;
+                drop(permit);
+            }
+        })
+}
+
+/// A request without `Origin` (a non-browser client) passes. One with `Origin` passes when the
+/// origin's host matches the `Host` header, or the origin is listed in `--allowed-origin`
+/// (or `*` is). Everything else is cross-site WebSocket hijacking and gets 403.
+pub fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    if allowed.iter().any(|a| a == "*" || *a == origin) {
+        return true;
+    }
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false;
+    };
+    let default_port = match scheme {
+        "http" | "ws" => ":80",
+        "https" | "wss" => ":443",
+        _ => return false,
+    };
+    let strip = |a: &str| {
+        a.strip_suffix(default_port)
+            .map(str::to_owned)
+            .unwrap_or_else(|| a.to_owned())
+    };
+    strip(authority) == strip(&host.trim().to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(origin: Option<&str>, host: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(header::HOST, host.parse().unwrap());
+        if let Some(o) = origin {
+            m.insert(header::ORIGIN, o.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn origins() {
+        let none: Vec<String> = vec![];
+        assert!(origin_allowed(&h(None, "a.example"), &none));
+        assert!(origin_allowed(
+            &h(Some("https://a.example"), "a.example"),
+            &none
+        ));
+        assert!(origin_allowed(
+            &h(Some("https://A.example:443"), "a.example"),
+            &none
+        ));
+        assert!(origin_allowed(
+            &h(Some("http://127.0.0.1:8080"), "127.0.0.1:8080"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            &h(Some("http://127.0.0.1:9999"), "127.0.0.1:8080"),
+            &none
+        ));
+        assert!(!origin_allowed(
+            &h(Some("https://evil.example"), "a.example"),
+            &none
+        ));
+        assert!(!origin_allowed(&h(Some("null"), "a.example"), &none));
+        assert!(!origin_allowed(
+            &h(Some("https://a.example.evil.example"), "a.example"),
+            &none
+        ));
+        let list = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed(
+            &h(Some("https://app.example/"), "api.example"),
+            &list
+        ));
+        assert!(!origin_allowed(
+            &h(Some("http://app.example"), "api.example"),
+            &list
+        ));
+        assert!(origin_allowed(&h(Some("null"), "x"), &["*".to_owned()]));
+    }
+}

@@ -1,0 +1,70 @@
+//! The `wsotel` binary: configuration, telemetry, listeners, then the library's `run`.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use wsotel::{Config, Telemetry, telemetry};
+
+fn main() -> ExitCode {
+    telemetry::process::mark_start();
+    // clap prints its own one-line error and exits with 2 on a bad flag or value.
+    let config = Config::parse();
+    telemetry::logging::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(err) => return fatal(&format!("cannot start the runtime: {err}")),
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    match wsotel::limits::raise_open_file_limit() {
+        Ok(limit) => tracing::info!(open_file_limit = limit as i64, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
+    }
+    let telemetry = match Telemetry::new() {
+        Ok(t) => Arc::new(t),
+        Err(err) => return fatal(&format!("telemetry: {err}")),
+    };
+    let ws = match TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(err) => return fatal(&format!("cannot listen on {}: {err}", config.listen)),
+    };
+    let admin = match TcpListener::bind(config.admin_listen).await {
+        Ok(l) => l,
+        Err(err) => return fatal(&format!("cannot listen on {}: {err}", config.admin_listen)),
+    };
+    tracing::info!(
+        listen = %ws.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin_listen = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        version = env!("CARGO_PKG_VERSION"),
+        "wsotel started"
+    );
+    let result = wsotel::run(
+        ws,
+        admin,
+        config,
+        telemetry.clone(),
+        wsotel::shutdown_signal(),
+    )
+    .await;
+    telemetry.shutdown();
+    match result {
+        Ok(()) => {
+            tracing::info!("wsotel stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "wsotel failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One clear line on stderr, exit code 2.
+fn fatal(msg: &str) -> ExitCode {
+    eprintln!("wsotel: error: {msg}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,289 @@
+//! The bounded vocabularies that metric attributes are drawn from.
+//!
+//! Every attribute value that can reach a metric is one of these enums' `&'static str`s, so no
+//! client input (a room name, a close code, a user agent) can ever create a new series.
+
+/// The WebSocket route a connection came in on (`http.route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// `GET /ws/echo`
+    Echo,
+    /// `GET /ws/rooms/{room}`
+    Rooms,
+}
+
+impl Route {
+    /// All routes, in the order their instruments are stored.
+    pub const ALL: [Route; 2] = [Route::Echo, Route::Rooms];
+
+    /// The route template, as `http.route` wants it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Echo => "/ws/echo",
+            Route::Rooms => "/ws/rooms/{room}",
+        }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// `network.io.direction`, seen from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the client to the server.
+    Receive,
+    /// From the server to the client.
+    Transmit,
+}
+
+impl Direction {
+    /// Both directions, in storage order.
+    pub const ALL: [Direction; 2] = [Direction::Receive, Direction::Transmit];
+
+    /// The semantic-convention value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Receive => "receive",
+            Direction::Transmit => "transmit",
+        }
+    }
+}
+
+/// `websocket.message.type`: the WebSocket frame kind of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageType {
+    /// A text data message.
+    Text,
+    /// A binary data message.
+    Binary,
+    /// A ping control frame.
+    Ping,
+    /// A pong control frame.
+    Pong,
+    /// A close control frame.
+    Close,
+}
+
+impl MessageType {
+    /// All kinds, in storage order.
+    pub const ALL: [MessageType; 5] = [
+        MessageType::Text,
+        MessageType::Binary,
+        MessageType::Ping,
+        MessageType::Pong,
+        MessageType::Close,
+    ];
+
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageType::Text => "text",
+            MessageType::Binary => "binary",
+            MessageType::Ping => "ping",
+            MessageType::Pong => "pong",
+            MessageType::Close => "close",
+        }
+    }
+
+    /// Text and binary messages carry application data; the others are control frames.
+    pub fn is_data(self) -> bool {
+        matches!(self, MessageType::Text | MessageType::Binary)
+    }
+}
+
+/// `websocket.close.reason`: why a connection ended, mapped from close codes and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed with 1000, or with a Close frame without a code (1005).
+    Normal,
+    /// The client closed with 1001 (page navigated away, client shutting down).
+    GoingAway,
+    /// The TCP connection ended without a Close frame (reset, crash, network loss).
+    ClientAborted,
+    /// No pong arrived within `--pong-timeout` of a ping.
+    HeartbeatTimeout,
+    /// A message exceeded `--max-message-size` (close 1009), or the client closed with 1009.
+    MessageTooBig,
+    /// A text message was not valid UTF-8 (close 1007), or the client closed with 1007.
+    InvalidPayload,
+    /// The client broke the WebSocket protocol (close 1002), or closed with 1002.
+    ProtocolError,
+    /// The client closed with 1008, or another policy code (1003).
+    PolicyViolation,
+    /// The server disconnected a room member whose outbound queue was full (close 1008).
+    SlowConsumer,
+    /// The server is shutting down (close 1001).
+    ServerShutdown,
+    /// Something failed inside the server (close 1011), or the client closed with 1011.
+    InternalError,
+    /// The client closed with a code outside the ones above (application codes 3000-4999...).
+    Other,
+}
+
+impl CloseReason {
+    /// Every reason, for documentation and tests.
+    pub const ALL: [CloseReason; 12] = [
+        CloseReason::Normal,
+        CloseReason::GoingAway,
+        CloseReason::ClientAborted,
+        CloseReason::HeartbeatTimeout,
+        CloseReason::MessageTooBig,
+        CloseReason::InvalidPayload,
+        CloseReason::ProtocolError,
+        CloseReason::PolicyViolation,
+        CloseReason::SlowConsumer,
+        CloseReason::ServerShutdown,
+        CloseReason::InternalError,
+        CloseReason::Other,
+    ];
+
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Normal => "normal",
+            CloseReason::GoingAway => "going_away",
+            CloseReason::ClientAborted => "client_aborted",
+            CloseReason::HeartbeatTimeout => "heartbeat_timeout",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::InvalidPayload => "invalid_payload",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::PolicyViolation => "policy_violation",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::ServerShutdown => "server_shutdown",
+            CloseReason::InternalError => "internal_error",
+            CloseReason::Other => "other",
+        }
+    }
+
+    /// Maps a close code the client sent to a bounded reason: a client-chosen code never
+    /// becomes a new series.
+    pub fn from_client_code(code: Option<u16>) -> Self {
+        match code {
+            None | Some(1000) | Some(1005) => CloseReason::Normal,
+            Some(1001) => CloseReason::GoingAway,
+            Some(1002) => CloseReason::ProtocolError,
+            Some(1003) | Some(1008) => CloseReason::PolicyViolation,
+            Some(1007) => CloseReason::InvalidPayload,
+            Some(1009) => CloseReason::MessageTooBig,
+            Some(1011) => CloseReason::InternalError,
+            Some(_) => CloseReason::Other,
+        }
+    }
+
+    /// Whether this ending is one a healthy client chooses (for alerting on abnormal ones).
+    pub fn is_normal(self) -> bool {
+        matches!(
+            self,
+            CloseReason::Normal | CloseReason::GoingAway | CloseReason::ServerShutdown
+        )
+    }
+}
+
+/// `error.type` on `websocket.server.rejected_connections`: why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The `Origin` header matched neither the Host nor an `--allowed-origin` (403).
+    OriginDenied,
+    /// `--max-connections` connections are already open (503).
+    ConnectionLimit,
+    /// The request was not a valid WebSocket upgrade (missing headers, wrong version...).
+    BadRequest,
+    /// The room name is not 1-64 characters of `[A-Za-z0-9._-]` (400).
+    InvalidRoom,
+    /// The server is draining (503).
+    ShuttingDown,
+    /// The client did not send its request headers within `--handshake-timeout`.
+    HandshakeTimeout,
+}
+
+impl RejectReason {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::OriginDenied => "origin_denied",
+            RejectReason::ConnectionLimit => "connection_limit",
+            RejectReason::BadRequest => "bad_request",
+            RejectReason::InvalidRoom => "invalid_room",
+            RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+}
+
+/// `error.type` on `websocket.server.errors`: what went wrong on an open connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorType {
+    /// A message over `--max-message-size`.
+    MessageTooBig,
+    /// Invalid UTF-8 in a text message.
+    InvalidUtf8,
+    /// A WebSocket protocol violation (bad opcode, unmasked frame, reserved bits...).
+    Protocol,
+    /// An I/O error other than the peer going away.
+    Io,
+    /// No pong within the timeout.
+    HeartbeatTimeout,
+    /// A room member could not keep up and was disconnected.
+    SlowConsumer,
+    /// A connection task panicked.
+    Panic,
+}
+
+impl ErrorType {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorType::MessageTooBig => "message_too_big",
+            ErrorType::InvalidUtf8 => "invalid_utf8",
+            ErrorType::Protocol => "protocol_error",
+            ErrorType::Io => "io",
+            ErrorType::HeartbeatTimeout => "heartbeat_timeout",
+            ErrorType::SlowConsumer => "slow_consumer",
+            ErrorType::Panic => "panic",
+        }
+    }
+}
+
+/// `reason` on `websocket.server.dropped_messages`: why a message was never delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The recipient's outbound queue was full.
+    SlowConsumer,
+    /// The recipient's connection ended with the message still queued.
+    ConnectionClosed,
+}
+
+impl DropReason {
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::SlowConsumer => "slow_consumer",
+            DropReason::ConnectionClosed => "connection_closed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_codes_stay_bounded() {
+        let mut seen = std::collections::HashSet::new();
+        for code in 0..=u16::MAX {
+            seen.insert(CloseReason::from_client_code(Some(code)).as_str());
+        }
+        seen.insert(CloseReason::from_client_code(None).as_str());
+        assert!(seen.len() <= CloseReason::ALL.len());
+        assert_eq!(
+            CloseReason::from_client_code(Some(4321)),
+            CloseReason::Other
+        );
+        assert_eq!(
+            CloseReason::from_client_code(Some(1000)),
+            CloseReason::Normal
+        );
+    }
+}
