@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::rooms::{Membership, Rooms};
+use crate::rooms::Rooms;
 use crate::telemetry::{
     CloseReason, ConnectionGuard, Direction, DropReason, ErrorType, Events, MessageType,
     RouteInstruments,
@@ -161,7 +161,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     run_connection(socket, ctx).instrument(span).await
 }
 
-async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
+async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     let ConnectionContext {
         id,
         guard,
@@ -171,16 +171,20 @@ async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
         kind,
     } = ctx;
     let events = guard.events().clone();
-    let route = guard.instruments();
-    let stop = shutdown.child_token();
-    let mut totals = Totals::default();
+    let mut link = Link {
+        socket,
+        events: &events,
+        route: guard.instruments(),
+        totals: Totals::default(),
+        stop: shutdown.child_token(),
+    };
 
     let (membership, mut rx) = match kind {
         ConnectionKind::Echo => (None, None),
         ConnectionKind::Room { rooms, name, queue } => {
             tracing::Span::current().record("websocket.room", name.as_str());
             let (tx, rx) = mpsc::channel(queue);
-            (Some(rooms.join(&name, id, tx, stop.clone())), Some(rx))
+            (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
         }
     };
     tracing::debug!(connection.id = id as i64, "connection opened");
@@ -192,66 +196,64 @@ async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
     let ending = loop {
         tokio::select! {
             biased;
-            _ = stop.cancelled() => {
+            _ = link.stop.cancelled() => {
                 break if shutdown.is_cancelled() {
                     Ending::server(CloseReason::ServerShutdown, close_code::GOING_AWAY, "server shutting down")
                 } else {
-                    events.error(route.route(), ErrorType::SlowConsumer);
+                    link.events.error(link.route.route(), ErrorType::SlowConsumer);
                     tracing::warn!(connection.id = id as i64, "slow consumer disconnected");
                     Ending::server(CloseReason::SlowConsumer, close_code::POLICY_VIOLATION, "slow consumer")
                 };
             }
-            incoming = socket.recv() => {
+            incoming = link.socket.recv() => {
                 let msg = match incoming {
                     Some(Ok(msg)) => msg,
-                    Some(Err(err)) => break classify_error(&events, route, err),
+                    Some(Err(err)) => break link.classify(err),
                     None => break Ending::client(CloseReason::ClientAborted),
                 };
                 let received_at = Instant::now();
+                let Some(msg) = link.received(msg) else {
+                    continue;
+                };
                 match msg {
-                    Message::Text(ref t) => {
-                        count_in(route, &mut totals, MessageType::Text, t.len());
-                        if let Err(e) = handle_data(&mut socket, &events, route, &mut totals, membership.as_ref(), msg, received_at, &stop).await {
+                    Message::Text(_) | Message::Binary(_) => {
+                        let handled = match &membership {
+                            None => link.send_data(msg).await,
+                            Some(m) => {
+                                m.broadcast(&msg);
+                                Ok(())
+                            }
+                        };
+                        link.route.message_handled(received_at);
+                        if let Err(e) = handled {
                             break e;
                         }
-                    }
-                    Message::Binary(ref b) => {
-                        count_in(route, &mut totals, MessageType::Binary, b.len());
-                        if let Err(e) = handle_data(&mut socket, &events, route, &mut totals, membership.as_ref(), msg, received_at, &stop).await {
-                            break e;
-                        }
-                    }
-                    Message::Ping(p) => {
-                        route.message(Direction::Receive, MessageType::Ping, p.len());
-                        // tungstenite queues the pong and writes it on the next read or write.
-                        route.message(Direction::Transmit, MessageType::Pong, p.len());
                     }
                     Message::Pong(p) => {
-                        route.message(Direction::Receive, MessageType::Pong, p.len());
                         if let Some(rtt) = heartbeat.pong(&p) {
-                            events.ping_round_trip(rtt);
+                            link.events.ping_round_trip(rtt);
                             sleep.as_mut().reset(heartbeat.deadline().into());
                         }
                     }
                     Message::Close(frame) => {
-                        route.message(Direction::Receive, MessageType::Close, 0);
                         // tungstenite has queued the reply; the next read flushes it and ends
                         // the stream.
-                        route.message(Direction::Transmit, MessageType::Close, 0);
+                        link.route.message(Direction::Transmit, MessageType::Close, 0);
                         let reason = CloseReason::from_client_code(frame.as_ref().map(|f| f.code));
-                        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, socket.recv()).await;
+                        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, link.socket.recv()).await;
                         break Ending::client(reason);
                     }
+                    Message::Ping(_) => {}
                 }
             }
             Some(out) = recv_queued(&mut rx) => {
-                if let Err(e) = send_counted(&mut socket, &events, route, &mut totals, out, &stop).await {
+                if let Err(e) = link.send_data(out).await {
                     break e;
                 }
             }
             _ = &mut sleep => {
                 if heartbeat.outstanding.is_some() {
-                    events.error(route.route(), ErrorType::HeartbeatTimeout);
+                    link.events.error(link.route.route(), ErrorType::HeartbeatTimeout);
                     tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong");
                     // The peer is presumed dead: no Close handshake to wait for.
                     break Ending::client(CloseReason::HeartbeatTimeout);
@@ -261,9 +263,9 @@ async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
                 heartbeat.outstanding = Some((heartbeat.seq, Instant::now()));
                 sleep.as_mut().reset(heartbeat.deadline().into());
                 let ping = Message::Ping(payload.to_vec().into());
-                match with_stop(&stop, socket.send(ping)).await {
-                    Some(Ok(())) => route.message(Direction::Transmit, MessageType::Ping, payload.len()),
-                    Some(Err(err)) => break classify_error(&events, route, err),
+                match with_stop(&link.stop, link.socket.send(ping)).await {
+                    Some(Ok(())) => link.route.message(Direction::Transmit, MessageType::Ping, payload.len()),
+                    Some(Err(err)) => break link.classify(err),
                     None => continue,
                 }
             }
@@ -271,27 +273,7 @@ async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
     };
 
     if let Some((code, text)) = ending.close {
-        let frame = CloseFrame {
-            code,
-            reason: text.into(),
-        };
-        let sent = tokio::time::timeout(
-            CLOSE_REPLY_TIMEOUT,
-            socket.send(Message::Close(Some(frame))),
-        )
-        .await;
-        if matches!(sent, Ok(Ok(()))) {
-            route.message(Direction::Transmit, MessageType::Close, 0);
-            // Wait for the client's Close reply, reading (and discarding) what is in flight.
-            let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-                while let Some(Ok(msg)) = socket.recv().await {
-                    if matches!(msg, Message::Close(_)) {
-                        route.message(Direction::Receive, MessageType::Close, 0);
-                    }
-                }
-            })
-            .await;
-        }
+        link.close(code, text).await;
     }
 
     // Leave the room first, so nothing new is queued, then count what never went out.
@@ -302,9 +284,14 @@ async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
         while rx.try_recv().is_ok() {
             undelivered += 1;
         }
-        events.dropped(route.route(), DropReason::ConnectionClosed, undelivered);
+        events.dropped(
+            link.route.route(),
+            DropReason::ConnectionClosed,
+            undelivered,
+        );
     }
-    drop(socket);
+    let totals = link.totals;
+    drop(link);
 
     let reason = ending.reason;
     let span = tracing::Span::current();
@@ -326,59 +313,92 @@ async fn run_connection(mut socket: WebSocket, ctx: ConnectionContext) {
     );
 }
 
-#[inline]
-fn count_in(route: &RouteInstruments, totals: &mut Totals, kind: MessageType, len: usize) {
-    route.message(Direction::Receive, kind, len);
-    totals.messages_in += 1;
-    totals.bytes_in += len as u64;
+/// The socket with what counts its traffic.
+struct Link<'a> {
+    socket: WebSocket,
+    events: &'a Events,
+    route: &'a RouteInstruments,
+    totals: Totals,
+    /// Cancelled on server shutdown, or to kick a slow consumer.
+    stop: CancellationToken,
 }
 
-/// Echoes a data message, or broadcasts it to the room.
-async fn handle_data(
-    socket: &mut WebSocket,
-    events: &Events,
-    route: &RouteInstruments,
-    totals: &mut Totals,
-    membership: Option<&Membership>,
-    msg: Message,
-    received_at: Instant,
-    stop: &CancellationToken,
-) -> Result<(), Ending> {
-    match membership {
-        None => send_counted(socket, events, route, totals, msg, stop).await?,
-        Some(m) => {
-            m.broadcast(&msg);
+impl Link<'_> {
+    /// Counts a message that arrived. Pings are answered by tungstenite itself (it queues the
+    /// pong and writes it on the next read or write), so the pong is counted here too.
+    fn received(&mut self, msg: Message) -> Option<Message> {
+        let (kind, len) = kind_and_len(&msg);
+        self.route.message(Direction::Receive, kind, len);
+        if kind.is_data() {
+            self.totals.messages_in += 1;
+            self.totals.bytes_in += len as u64;
+        }
+        if kind == MessageType::Ping {
+            self.route
+                .message(Direction::Transmit, MessageType::Pong, len);
+            return None;
+        }
+        Some(msg)
+    }
+
+    /// Sends a data message and counts it once it is written. When the connection is stopped
+    /// while the send is blocked on a client that does not read, the message is lost (counted
+    /// as dropped) and the loop's stop branch decides the reason on its next turn.
+    async fn send_data(&mut self, msg: Message) -> Result<(), Ending> {
+        let (kind, len) = kind_and_len(&msg);
+        match with_stop(&self.stop, self.socket.send(msg)).await {
+            Some(Ok(())) => {
+                self.route.message(Direction::Transmit, kind, len);
+                self.totals.messages_out += 1;
+                self.totals.bytes_out += len as u64;
+                Ok(())
+            }
+            Some(Err(err)) => Err(self.classify(err)),
+            None => {
+                self.events
+                    .dropped(self.route.route(), DropReason::ConnectionClosed, 1);
+                Ok(())
+            }
         }
     }
-    route.message_handled(received_at);
-    Ok(())
+
+    /// Sends a Close and waits (bounded) for the client's reply. Data still in flight from
+    /// the client is read and counted as received, then discarded.
+    async fn close(&mut self, code: u16, text: &'static str) {
+        let frame = CloseFrame {
+            code,
+            reason: text.into(),
+        };
+        let sent = tokio::time::timeout(
+            CLOSE_REPLY_TIMEOUT,
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return;
+        }
+        self.route
+            .message(Direction::Transmit, MessageType::Close, 0);
+        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
+            while let Some(Ok(msg)) = self.socket.recv().await {
+                self.received(msg);
+            }
+        })
+        .await;
+    }
+
+    fn classify(&self, err: axum::Error) -> Ending {
+        classify_error(self.events, self.route, err)
+    }
 }
 
-/// Sends a data message and counts it once it is written.
-async fn send_counted(
-    socket: &mut WebSocket,
-    events: &Events,
-    route: &RouteInstruments,
-    totals: &mut Totals,
-    msg: Message,
-    stop: &CancellationToken,
-) -> Result<(), Ending> {
-    let (kind, len) = match &msg {
+fn kind_and_len(msg: &Message) -> (MessageType, usize) {
+    match msg {
         Message::Text(t) => (MessageType::Text, t.len()),
         Message::Binary(b) => (MessageType::Binary, b.len()),
-        _ => unreachable!("only data messages are queued or echoed"),
-    };
-    match with_stop(stop, socket.send(msg)).await {
-        Some(Ok(())) => {
-            route.message(Direction::Transmit, kind, len);
-            totals.messages_out += 1;
-            totals.bytes_out += len as u64;
-            Ok(())
-        }
-        Some(Err(err)) => Err(classify_error(events, route, err)),
-        // Stopped while blocked on a client that does not read: the loop's stop branch
-        // decides the reason on its next turn.
-        None => Ok(()),
+        Message::Ping(p) => (MessageType::Ping, p.len()),
+        Message::Pong(p) => (MessageType::Pong, p.len()),
+        Message::Close(_) => (MessageType::Close, 0),
     }
 }
 

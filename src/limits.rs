@@ -23,7 +23,7 @@ pub fn raise_open_file_limit() -> std::io::Result<u64> {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// The soft open-file limit in force, if it can be read.
@@ -33,5 +33,5 @@ pub fn open_file_limit() -> Option<u64> {
         rlim_max: 0,
     };
     // SAFETY: as above.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur as u64)
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim.rlim_cur)
 }

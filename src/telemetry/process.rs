@@ -57,7 +57,7 @@ fn read_stat() -> Option<Stat> {
     if ticks <= 0 || page <= 0 {
         return None;
     }
-    parse_stat(&text, ticks as f64, page as i64)
+    parse_stat(&text, ticks as f64, page)
 }
 
 /// Open file descriptors of this process.

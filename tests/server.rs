@@ -1,0 +1,698 @@
+//! Integration tests: the real `run`, real WebSocket clients, exact metric values.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const ECHO: &str = "/ws/echo";
+const ECHO_ROUTE: (&str, &str) = ("http_route", "/ws/echo");
+const ROOMS_ROUTE: (&str, &str) = ("http_route", "/ws/rooms/{room}");
+const RX: (&str, &str) = ("network_io_direction", "receive");
+const TX: (&str, &str) = ("network_io_direction", "transmit");
+
+fn mtype(t: &'static str) -> (&'static str, &'static str) {
+    ("websocket_message_type", t)
+}
+
+fn reason(r: &'static str) -> (&'static str, &'static str) {
+    ("websocket_close_reason", r)
+}
+
+#[tokio::test]
+async fn echo_session_counts_exactly() {
+    let server = TestServer::start().await;
+    let mut ws = connect(&server.url(ECHO)).await;
+
+    let text = "x".repeat(100);
+    for _ in 0..37 {
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text(text.clone()));
+    }
+    let blob = vec![7u8; 1000];
+    for _ in 0..5 {
+        ws.send(Message::binary(blob.clone())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::binary(blob.clone()));
+    }
+    for _ in 0..2 {
+        ws.send(Message::Ping(vec![1, 2, 3, 4].into()))
+            .await
+            .unwrap();
+    }
+    // While open: one active connection, counters already exact.
+    let m = server
+        .metrics_when("42 messages received", |m| {
+            m.sum(
+                "websocket_server_messages_total",
+                &[ECHO_ROUTE, RX, mtype("ping")],
+            ) == 2.0
+        })
+        .await;
+    assert_eq!(
+        m.sum("websocket_server_active_connections", &[ECHO_ROUTE]),
+        1.0
+    );
+
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+
+    let m = server.idle().await;
+    let msgs = |l: &[(&str, &str)]| m.sum("websocket_server_messages_total", l);
+    assert_eq!(msgs(&[ECHO_ROUTE, RX, mtype("text")]), 37.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, TX, mtype("text")]), 37.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, RX, mtype("binary")]), 5.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, TX, mtype("binary")]), 5.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, RX, mtype("ping")]), 2.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, TX, mtype("pong")]), 2.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, RX, mtype("close")]), 1.0);
+    assert_eq!(msgs(&[ECHO_ROUTE, TX, mtype("close")]), 1.0);
+    assert_eq!(
+        m.sum("websocket_server_io_bytes_total", &[ECHO_ROUTE, RX]),
+        8700.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_io_bytes_total", &[ECHO_ROUTE, TX]),
+        8700.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_message_size_bytes_count",
+            &[ECHO_ROUTE, RX]
+        ),
+        42.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_message_size_bytes_sum", &[ECHO_ROUTE, TX]),
+        8700.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_message_size_bytes_bucket",
+            &[ECHO_ROUTE, RX, ("le", "256")]
+        ),
+        37.0,
+        "the 37 text messages of 100 B fall at or under 256 B, the binary ones above"
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_message_duration_seconds_count",
+            &[ECHO_ROUTE]
+        ),
+        42.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_accepted_connections_total", &[ECHO_ROUTE]),
+        1.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_active_connections", &[ECHO_ROUTE]),
+        0.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[ECHO_ROUTE, reason("normal")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_connection_duration_seconds_count", &[]),
+        1.0
+    );
+    assert_eq!(m.sum("websocket_server_errors_total", &[]), 0.0);
+    assert_eq!(
+        m.sum(
+            "http_server_request_duration_seconds_count",
+            &[
+                ECHO_ROUTE,
+                ("http_response_status_code", "101"),
+                ("http_request_method", "GET")
+            ]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn abrupt_reset_counts_client_aborted() {
+    let server = TestServer::start().await;
+    let mut ws = connect(&server.url(ECHO)).await;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::text("hello"));
+    server
+        .metrics_when("one active", |m| {
+            m.sum("websocket_server_active_connections", &[]) == 1.0
+        })
+        .await;
+    if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_ref() {
+        #[allow(deprecated)] // SO_LINGER 0 is exactly what makes close send RST here
+        tcp.set_linger(Some(Duration::ZERO)).unwrap();
+    }
+    drop(ws);
+    let m = server.idle().await;
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[ECHO_ROUTE, reason("client_aborted")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_connection_duration_seconds_count", &[]),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn room_fan_out_reaches_every_other_member() {
+    let server = TestServer::start().await;
+    let url = server.url("/ws/rooms/lobby");
+    let mut a = connect(&url).await;
+    let mut b = connect(&url).await;
+    let mut c = connect(&url).await;
+    let mut elsewhere = connect(&server.url("/ws/rooms/other")).await;
+    let m = server
+        .metrics_when("four members", |m| {
+            m.sum("websocket_server_active_connections", &[ROOMS_ROUTE]) == 4.0
+        })
+        .await;
+    assert_eq!(m.sum("websocket_server_rooms", &[]), 2.0);
+
+    for i in 0..4 {
+        a.send(Message::text(format!("from a {i}"))).await.unwrap();
+    }
+    b.send(Message::binary(vec![1u8; 10])).await.unwrap();
+    // Each sender's messages arrive in order; senders interleave freely.
+    let mut at_b = Vec::new();
+    for _ in 0..4 {
+        at_b.push(next_data(&mut b).await);
+    }
+    let mut at_c = Vec::new();
+    for _ in 0..5 {
+        at_c.push(next_data(&mut c).await);
+    }
+    let from_a: Vec<Message> = (0..4)
+        .map(|i| Message::text(format!("from a {i}")))
+        .collect();
+    assert_eq!(at_b, from_a);
+    assert_eq!(
+        at_c.iter()
+            .filter(|m| m.is_text())
+            .cloned()
+            .collect::<Vec<_>>(),
+        from_a
+    );
+    assert_eq!(at_c.iter().filter(|m| m.is_binary()).count(), 1);
+    assert_eq!(next_data(&mut a).await, Message::binary(vec![1u8; 10]));
+    // Nothing crossed into the other room, and nothing echoed back to its sender.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), next_data(&mut elsewhere))
+            .await
+            .is_err()
+    );
+
+    for mut ws in [a, b, c, elsewhere] {
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let m = server.idle().await;
+    let msgs = |l: &[(&str, &str)]| m.sum("websocket_server_messages_total", l);
+    assert_eq!(msgs(&[ROOMS_ROUTE, RX, mtype("text")]), 4.0);
+    assert_eq!(msgs(&[ROOMS_ROUTE, RX, mtype("binary")]), 1.0);
+    assert_eq!(
+        msgs(&[ROOMS_ROUTE, TX, mtype("text")]),
+        8.0,
+        "one per recipient"
+    );
+    assert_eq!(msgs(&[ROOMS_ROUTE, TX, mtype("binary")]), 2.0);
+    let text_bytes = (0..4).map(|i| format!("from a {i}").len()).sum::<usize>() as f64;
+    assert_eq!(
+        m.sum("websocket_server_io_bytes_total", &[ROOMS_ROUTE, RX]),
+        text_bytes + 10.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_io_bytes_total", &[ROOMS_ROUTE, TX]),
+        2.0 * (text_bytes + 10.0)
+    );
+    assert_eq!(m.sum("websocket_server_rooms", &[]), 0.0);
+    assert_eq!(m.sum("websocket_server_dropped_messages_total", &[]), 0.0);
+    assert_eq!(
+        m.sum(
+            "websocket_server_accepted_connections_total",
+            &[ROOMS_ROUTE]
+        ),
+        4.0
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_measures_round_trips_and_ends_silent_peers() {
+    let server = TestServer::start_with(|c| {
+        c.ping_interval = Duration::from_millis(100);
+        c.pong_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // A live client: reading lets tungstenite answer the server's pings.
+    let mut live = connect(&server.url(ECHO)).await;
+    let reader = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(800);
+        while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, live.next()).await {}
+        live
+    });
+    // A silent client: never reads, so never pongs.
+    let silent = connect(&server.url(ECHO)).await;
+
+    let m = server
+        .metrics_when("the silent peer timed out", |m| {
+            m.sum(
+                "websocket_server_connection_duration_seconds_count",
+                &[reason("heartbeat_timeout")],
+            ) == 1.0
+        })
+        .await;
+    assert_eq!(
+        m.sum(
+            "websocket_server_errors_total",
+            &[ECHO_ROUTE, ("error_type", "heartbeat_timeout")]
+        ),
+        1.0
+    );
+    let mut live = reader.await.unwrap();
+    let m = server.metrics().await;
+    assert!(
+        m.sum("websocket_server_ping_duration_seconds_count", &[]) >= 3.0,
+        "{}",
+        m.text
+    );
+    assert!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[ECHO_ROUTE, TX, mtype("ping")]
+        ) >= 4.0
+    );
+    assert_eq!(
+        m.sum("websocket_server_ping_duration_seconds_count", &[]),
+        m.sum(
+            "websocket_server_messages_total",
+            &[ECHO_ROUTE, RX, mtype("pong")]
+        ),
+        "every pong answered a ping"
+    );
+    assert_eq!(
+        m.sum("websocket_server_active_connections", &[]),
+        1.0,
+        "the live one stays"
+    );
+    live.close(None).await.unwrap();
+    drop(silent);
+}
+
+#[tokio::test]
+async fn oversized_message_closes_with_1009() {
+    let server = TestServer::start_with(|c| c.max_message_size = 1024).await;
+    let mut ws = connect(&server.url(ECHO)).await;
+    ws.send(Message::binary(vec![0u8; 1024])).await.unwrap();
+    assert_eq!(next_data(&mut ws).await, Message::binary(vec![0u8; 1024]));
+    ws.send(Message::binary(vec![0u8; 1025])).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1009));
+    let m = server.idle().await;
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[reason("message_too_big")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_errors_total",
+            &[ECHO_ROUTE, ("error_type", "message_too_big")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[ECHO_ROUTE, TX, mtype("close")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn invalid_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = TestServer::start().await;
+    let mut ws = connect(&server.url(ECHO)).await;
+    let frame = Frame::message(vec![0xff, 0xfe, 0x41], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(1007));
+    let m = server.idle().await;
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[reason("invalid_payload")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_errors_total",
+            &[("error_type", "invalid_utf8")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn client_close_codes_map_to_bounded_reasons() {
+    let server = TestServer::start().await;
+    for code in [1001u16, 4000, 4001, 3999] {
+        let mut ws = connect(&server.url(ECHO)).await;
+        ws.close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: "".into(),
+        }))
+        .await
+        .unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let m = server.idle().await;
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[reason("going_away")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[reason("other")]
+        ),
+        3.0
+    );
+    let reasons: std::collections::BTreeSet<_> = m
+        .matching("websocket_server_connection_duration_seconds_count", &[])
+        .map(|s| s.labels["websocket_close_reason"].clone())
+        .collect();
+    assert_eq!(
+        reasons.len(),
+        2,
+        "client codes must not add series: {reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn handshake_rejections_answer_and_count() {
+    let server = TestServer::start_with(|c| {
+        c.max_connections = 2;
+        c.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    // Invalid room names: 400 before the upgrade.
+    assert_eq!(
+        refused_status(server.url("/ws/rooms/bad%20name")).await,
+        400
+    );
+    assert_eq!(
+        refused_status(server.url(&format!("/ws/rooms/{}", "r".repeat(65)))).await,
+        400
+    );
+    // Cross-site Origin: 403. Same-host and allow-listed origins pass.
+    let mut req = server.url(ECHO).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    assert_eq!(refused_status(req).await, 403);
+    let mut req = server.url(ECHO).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", format!("http://{}", server.ws).parse().unwrap());
+    let (mut same_host, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut req = server.url(ECHO).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://app.example".parse().unwrap());
+    let (mut listed, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // Two open: the third gets 503.
+    assert_eq!(refused_status(server.url(ECHO)).await, 503);
+    // A plain GET without upgrade headers.
+    let (status, _) = http_get(server.ws, ECHO).await;
+    assert!(status == 400 || status == 426, "plain GET got {status}");
+    // Wrong Sec-WebSocket-Version.
+    let (status, _) = http_request(
+        server.ws,
+        &format!(
+            "GET /ws/echo HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 12\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            server.ws
+        ),
+    )
+    .await;
+    assert!(status == 400 || status == 426, "bad version got {status}");
+
+    let m = server.metrics().await;
+    let rejected = |r: &'static str| {
+        m.sum(
+            "websocket_server_rejected_connections_total",
+            &[("error_type", r)],
+        )
+    };
+    assert_eq!(rejected("invalid_room"), 2.0);
+    assert_eq!(rejected("origin_denied"), 1.0);
+    assert_eq!(rejected("connection_limit"), 1.0);
+    assert_eq!(rejected("bad_request"), 2.0);
+    assert_eq!(
+        m.sum("websocket_server_accepted_connections_total", &[]),
+        2.0
+    );
+    for ws in [&mut same_host, &mut listed] {
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    server.idle().await;
+    // A freed slot is usable again.
+    let mut again = connect(&server.url(ECHO)).await;
+    again.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn slowloris_is_cut_off_at_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start_with(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    let mut s = tokio::net::TcpStream::connect(server.ws).await.unwrap();
+    s.write_all(b"GET /ws/echo HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "the server must hang up on a trickled handshake"
+    );
+    server
+        .metrics_when("handshake timeout counted", |m| {
+            m.sum(
+                "websocket_server_rejected_connections_total",
+                &[("error_type", "handshake_timeout")],
+            ) == 1.0
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_disconnected_and_others_are_unaffected() {
+    let server = TestServer::start_with(|c| c.outbound_queue = 8).await;
+    let url = server.url("/ws/rooms/busy");
+    // The slow member: a tiny receive buffer and it never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(server.ws).await.unwrap();
+    let (slow, _) = tokio_tungstenite::client_async(url.clone(), stream)
+        .await
+        .unwrap();
+    let mut publisher = connect(&url).await;
+    let mut reader = connect(&url).await;
+    server
+        .metrics_when("three members", |m| {
+            m.sum("websocket_server_active_connections", &[]) == 3.0
+        })
+        .await;
+
+    let payload = vec![9u8; 32 * 1024];
+    let total = 600;
+    let got = tokio::spawn(async move {
+        let mut n = 0;
+        while n < total {
+            match next_data(&mut reader).await {
+                Message::Binary(b) => {
+                    assert_eq!(b.len(), 32 * 1024);
+                    n += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (reader, n)
+    });
+    for _ in 0..total {
+        publisher
+            .send(Message::binary(payload.clone()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let (mut reader, n) = got.await.unwrap();
+    assert_eq!(n, total, "the fast member got every message");
+
+    let m = server
+        .metrics_when("slow consumer gone", |m| {
+            m.sum(
+                "websocket_server_connection_duration_seconds_count",
+                &[reason("slow_consumer")],
+            ) == 1.0
+        })
+        .await;
+    assert!(
+        m.sum(
+            "websocket_server_dropped_messages_total",
+            &[ROOMS_ROUTE, ("reason", "slow_consumer")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_errors_total",
+            &[("error_type", "slow_consumer")]
+        ),
+        1.0
+    );
+    assert_eq!(m.sum("websocket_server_active_connections", &[]), 2.0);
+    // Every message the publisher sent is accounted for: delivered to a recipient or dropped.
+    let delivered = m.sum(
+        "websocket_server_messages_total",
+        &[ROOMS_ROUTE, TX, mtype("binary")],
+    );
+    let dropped = m.sum("websocket_server_dropped_messages_total", &[ROOMS_ROUTE]);
+    assert_eq!(
+        delivered + dropped,
+        2.0 * total as f64,
+        "two recipients per message"
+    );
+    publisher.close(None).await.unwrap();
+    reader.close(None).await.unwrap();
+    drop(slow);
+}
+
+#[tokio::test]
+async fn drain_sends_1001_and_readyz_turns_503() {
+    let mut server = TestServer::start().await;
+    let (status, _) = http_get(server.admin, "/readyz").await;
+    assert_eq!(status, 200);
+    let mut a = connect(&server.url(ECHO)).await;
+    let mut b = connect(&server.url("/ws/rooms/r1")).await;
+    server
+        .metrics_when("two open", |m| {
+            m.sum("websocket_server_active_connections", &[]) == 2.0
+        })
+        .await;
+    server.begin_shutdown();
+    // Neither client answers yet: the drain waits for their closing handshake.
+    let frame_a = tokio::time::timeout(Duration::from_secs(5), a.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&frame_a, Message::Close(Some(f)) if u16::from(f.code) == 1001),
+        "{frame_a:?}"
+    );
+    let (status, _) = http_get(server.admin, "/readyz").await;
+    assert_eq!(status, 503, "not ready while draining");
+    assert_eq!(
+        refused_status(server.url(ECHO)).await,
+        503,
+        "no new upgrades while draining"
+    );
+    assert_eq!(close_code(&mut b).await, Some(1001));
+    while let Some(Ok(_)) = a.next().await {}
+    while let Some(Ok(_)) = b.next().await {}
+    tokio::time::timeout(Duration::from_secs(5), &mut server.handle)
+        .await
+        .expect("run returns after the drain")
+        .unwrap()
+        .unwrap();
+    assert!(
+        http_get_fails(server.admin).await,
+        "the admin listener is closed after the drain"
+    );
+    let m = server.rendered();
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[reason("server_shutdown")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_rejected_connections_total",
+            &[("error_type", "shutting_down")]
+        ),
+        1.0
+    );
+    assert_eq!(m.sum("websocket_server_active_connections", &[]), 0.0);
+}
+
+async fn http_get_fails(addr: std::net::SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_err()
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let server = TestServer::start().await;
+    // Spend some CPU so process.cpu.time has ticks to show.
+    let spin = std::time::Instant::now();
+    let mut x = 0u64;
+    while spin.elapsed() < Duration::from_millis(60) {
+        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+    }
+    assert_eq!(http_get(server.admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(server.admin, "/readyz").await.0, 200);
+    // /metrics is not on the public listener.
+    assert_eq!(http_get(server.ws, "/metrics").await.0, 404);
+    let m = server.metrics().await;
+    assert!(m.sum("process_memory_usage_bytes", &[]) > 1e6);
+    assert!(m.sum("process_unix_file_descriptor_count", &[]) >= 4.0);
+    assert!(m.sum("process_thread_count", &[]) >= 1.0);
+    assert!(
+        m.sum("process_cpu_time_seconds_total", &[("cpu_mode", "user")])
+            + m.sum("process_cpu_time_seconds_total", &[("cpu_mode", "system")])
+            > 0.0,
+        "{}",
+        m.text
+    );
+    assert!(m.has("process_uptime_seconds"));
+    let instance: std::collections::BTreeSet<_> = m
+        .samples
+        .iter()
+        .filter_map(|s| s.labels.get("service_instance_id"))
+        .collect();
+    assert_eq!(instance.len(), 1, "one instance id on every series");
+    assert!(
+        m.samples
+            .iter()
+            .filter(|s| s.name != "target_info")
+            .all(|s| s.labels.contains_key("service_instance_id")),
+        "service.instance.id labels every series"
+    );
+    assert!(m.has("target_info"));
+}
