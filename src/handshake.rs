@@ -3,6 +3,7 @@
 //! (400, 403, 503...) counted in `websocket.server.rejected_connections` by `error.type`.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +14,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +22,7 @@ use crate::config::Config;
 use crate::connection::{self, ConnectionContext, ConnectionKind};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
-use crate::telemetry::{Events, RejectReason, Route};
+use crate::telemetry::{ErrorType, Events, RejectReason, Route};
 
 /// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
 /// zero-filled before every read) dominated both idle memory and echo CPU (../shared/FACTS.md).
@@ -214,7 +216,15 @@ fn upgrade(
                 kind,
             };
             async move {
-                connection::serve(socket, ctx).await;
+                // A panic in one connection must not go unnoticed nor leak its slot: the
+                // guard inside `ctx` records the lifetime as `internal_error` as it unwinds.
+                let outcome = AssertUnwindSafe(connection::serve(socket, ctx))
+                    .catch_unwind()
+                    .await;
+                if outcome.is_err() {
+                    events.error(route, ErrorType::Panic);
+                    tracing::error!(connection.id = id as i64, "connection task panicked");
+                }
                 drop(permit);
             }
         })

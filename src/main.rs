@@ -9,8 +9,22 @@ use wsotel::{Config, Telemetry, telemetry};
 
 fn main() -> ExitCode {
     telemetry::process::mark_start();
-    // clap prints its own one-line error and exits with 2 on a bad flag or value.
-    let config = Config::parse();
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(err) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                err.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                err.exit();
+            }
+            // One clear line, not clap's usage block.
+            let rendered = err.to_string();
+            let line = rendered.lines().next().unwrap_or("invalid configuration");
+            return fatal(line.trim_start_matches("error: "));
+        }
+    };
     telemetry::logging::init(config.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

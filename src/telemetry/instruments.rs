@@ -232,8 +232,20 @@ impl Events {
         let instruments = Instruments::new(meter);
         let routes = Route::ALL.map(|r| Arc::new(RouteInstruments::new(&instruments, r)));
         let ping = instruments.ping_duration.bind(&[]);
-        // Series that should read 0 rather than be absent before the first event.
+        // Series that should read 0 rather than be absent before the first event, so rates and
+        // alerts work from the first scrape. Every value is from a bounded set.
         instruments.rooms.add(0, &[]);
+        for route in Route::ALL {
+            let r = KeyValue::new(ROUTE, route.as_str());
+            for e in ErrorType::ALL {
+                let attrs = [r.clone(), KeyValue::new(ERROR_TYPE, e.as_str())];
+                instruments.errors.add(0, &attrs);
+            }
+            for d in DropReason::ALL {
+                let attrs = [r.clone(), KeyValue::new(DROP_REASON, d.as_str())];
+                instruments.dropped.add(0, &attrs);
+            }
+        }
         Events {
             inner: Arc::new(EventsInner {
                 instruments,
@@ -258,6 +270,7 @@ impl Events {
             events: self.clone(),
             route: r,
             opened_at: Instant::now(),
+            closed: false,
         }
     }
 
@@ -350,6 +363,8 @@ pub struct ConnectionGuard {
     events: Events,
     route: Arc<RouteInstruments>,
     opened_at: Instant,
+    /// Set by `closed`; a guard dropped without it (a panic) records `internal_error`.
+    closed: bool,
 }
 
 impl ConnectionGuard {
@@ -369,7 +384,12 @@ impl ConnectionGuard {
     }
 
     /// The connection ended for `reason`: records its lifetime and returns it.
-    pub fn closed(self, reason: CloseReason) -> Duration {
+    pub fn closed(mut self, reason: CloseReason) -> Duration {
+        self.closed = true;
+        self.record_lifetime(reason)
+    }
+
+    fn record_lifetime(&self, reason: CloseReason) -> Duration {
         let age = self.age();
         self.events.inner.instruments.connection_duration.record(
             age.as_secs_f64(),
@@ -384,6 +404,9 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        if !self.closed {
+            self.record_lifetime(CloseReason::InternalError);
+        }
         self.route.active.add(-1);
     }
 }

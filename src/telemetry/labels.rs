@@ -232,6 +232,17 @@ pub enum ErrorType {
 }
 
 impl ErrorType {
+    /// Every error type.
+    pub const ALL: [ErrorType; 7] = [
+        ErrorType::MessageTooBig,
+        ErrorType::InvalidUtf8,
+        ErrorType::Protocol,
+        ErrorType::Io,
+        ErrorType::HeartbeatTimeout,
+        ErrorType::SlowConsumer,
+        ErrorType::Panic,
+    ];
+
     /// The attribute value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -256,6 +267,9 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// Every drop reason.
+    pub const ALL: [DropReason; 2] = [DropReason::SlowConsumer, DropReason::ConnectionClosed];
+
     /// The attribute value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,0 +1,217 @@
+//! The real `wsotel` binary: configuration errors, log formats and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn wsotel() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_wsotel"));
+    c.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WSOTEL_") || k.starts_with("OTEL_") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_values_stop_startup_with_one_line_and_exit_2() {
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&["--ping-interval", "soon"], &[], "soon"),
+        (&["--max-message-size", "12 parsecs"], &[], "parsecs"),
+        (&["--max-connections", "0"], &[], "max-connections"),
+        (&["--listen", "not-an-address"], &[], "not-an-address"),
+        (&["--log-format", "xml"], &[], "xml"),
+        (&[], &[("WSOTEL_DRAIN_TIMEOUT", "0s")], "greater than zero"),
+        (&[], &[("WSOTEL_MAX_CONNECTIONS", "many")], "many"),
+    ];
+    for (args, env, needle) in cases {
+        let mut cmd = wsotel();
+        cmd.args(*args).envs(env.iter().copied());
+        let (code, stdout, stderr) = run_to_end(&mut cmd);
+        assert_eq!(code, 2, "{args:?} {env:?}: stderr {stderr:?}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one line for {args:?}: {stderr:?}"
+        );
+        assert!(stderr.contains(needle), "{stderr:?} names {needle}");
+        assert!(stdout.is_empty(), "nothing starts: {stdout:?}");
+    }
+}
+
+#[test]
+fn occupied_port_is_one_line_and_exit_2() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) =
+        run_to_end(wsotel().args(["--listen", &addr, "--admin-listen", "127.0.0.1:0"]));
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
+    assert!(stderr.contains(&addr), "{stderr}");
+}
+
+/// A running binary, its ports read from its startup log line.
+struct Running {
+    child: Child,
+    ws: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn start(extra: &[&str]) -> Running {
+    let mut child = wsotel()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let line = rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("startup line");
+        if line.contains("wsotel started") {
+            let field = |name: &str| -> std::net::SocketAddr {
+                let plain = format!("{name}=");
+                let json = format!("\"{name}\":\"");
+                let at = line
+                    .find(&json)
+                    .map(|i| i + json.len())
+                    .or_else(|| line.find(&plain).map(|i| i + plain.len()))
+                    .unwrap_or_else(|| panic!("{name} in {line}"));
+                line[at..]
+                    .split(|c: char| c == ' ' || c == '"')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            return Running {
+                ws: field("listen"),
+                admin: field("admin_listen"),
+                child,
+                lines: rx,
+            };
+        }
+    }
+}
+
+impl Running {
+    fn sigterm(&self) {
+        // SAFETY: kill with a valid pid of our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+    }
+
+    /// Waits for exit (at most 15 s) and returns the code with the rest of stdout.
+    fn wait(mut self) -> (i32, Vec<String>) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let rest: Vec<String> = self.lines.try_iter().collect();
+                return (status.code().unwrap_or(-1), rest);
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_with_1001_and_exits_0() {
+    let server = start(&[]);
+    let mut echo = connect(&format!("ws://{}/ws/echo", server.ws)).await;
+    let mut member = connect(&format!("ws://{}/ws/rooms/shutdown", server.ws)).await;
+    use futures_util::SinkExt;
+    echo.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_data(&mut echo).await, Message::text("before"));
+    let (status, _) = http_get(server.admin, "/readyz").await;
+    assert_eq!(status, 200);
+
+    server.sigterm();
+    for ws in [&mut echo, &mut member] {
+        assert_eq!(close_code(ws).await, Some(1001));
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let (code, rest) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{rest:#?}");
+    let log = rest.join("\n");
+    assert!(log.contains("all connections drained"), "{log}");
+    assert!(log.contains("wsotel stopped"), "{log}");
+    assert!(log.contains("SIGTERM received"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let server = start(&["--log-format", "json"]);
+    let mut ws = connect(&format!("ws://{}/ws/echo", server.ws)).await;
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    // Wait for the closing line, then stop.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Ok(line) = server.lines.recv_timeout(Duration::from_millis(100)) {
+            let done = line.contains("connection closed");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+    }
+    let closed = seen
+        .iter()
+        .find(|l| l.contains("connection closed"))
+        .expect("a connection closed line");
+    let v: serde_json::Value = serde_json::from_str(closed).unwrap();
+    assert_eq!(v["level"], "INFO");
+    assert_eq!(v["websocket.close.reason"], "normal");
+    assert_eq!(v["messages_in"], 0);
+    assert_eq!(v["span"]["name"], "websocket.connection");
+    server.sigterm();
+    let (code, rest) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    for line in rest.iter().chain(seen.iter()) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+    }
+}
