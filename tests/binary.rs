@@ -32,7 +32,8 @@ fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
 
 #[test]
 fn bad_values_stop_startup_with_one_line_and_exit_2() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (&["--ping-interval", "soon"], &[], "soon"),
         (&["--max-message-size", "12 parsecs"], &[], "parsecs"),
         (&["--max-connections", "0"], &[], "max-connections"),
@@ -75,6 +76,7 @@ struct Running {
     lines: std::sync::mpsc::Receiver<String>,
 }
 
+#[allow(clippy::zombie_processes)] // `Running`'s Drop kills and waits
 fn start(extra: &[&str]) -> Running {
     let mut child = wsotel()
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -107,7 +109,7 @@ fn start(extra: &[&str]) -> Running {
                     .or_else(|| line.find(&plain).map(|i| i + plain.len()))
                     .unwrap_or_else(|| panic!("{name} in {line}"));
                 line[at..]
-                    .split(|c: char| c == ' ' || c == '"')
+                    .split([' ', '"'])
                     .next()
                     .unwrap()
                     .parse()
