@@ -2,24 +2,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::*;
 use common::*;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
-
-fn wsotel() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_wsotel"));
-    c.env_remove("RUST_LOG");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("WSOTEL_") || k.starts_with("OTEL_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
 
 fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
     let out = cmd.output().unwrap();
@@ -66,93 +55,6 @@ fn occupied_port_is_one_line_and_exit_2() {
     assert_eq!(code, 2);
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr:?}");
     assert!(stderr.contains(&addr), "{stderr}");
-}
-
-/// A running binary, its ports read from its startup log line.
-struct Running {
-    child: Child,
-    ws: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-#[allow(clippy::zombie_processes)] // `Running`'s Drop kills and waits
-fn start(extra: &[&str]) -> Running {
-    let mut child = wsotel()
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("startup line");
-        if line.contains("wsotel started") {
-            let field = |name: &str| -> std::net::SocketAddr {
-                let plain = format!("{name}=");
-                let json = format!("\"{name}\":\"");
-                let at = line
-                    .find(&json)
-                    .map(|i| i + json.len())
-                    .or_else(|| line.find(&plain).map(|i| i + plain.len()))
-                    .unwrap_or_else(|| panic!("{name} in {line}"));
-                line[at..]
-                    .split([' ', '"'])
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
-            };
-            return Running {
-                ws: field("listen"),
-                admin: field("admin_listen"),
-                child,
-                lines: rx,
-            };
-        }
-    }
-}
-
-impl Running {
-    fn sigterm(&self) {
-        // SAFETY: kill with a valid pid of our own child.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
-    }
-
-    /// Waits for exit (at most 15 s) and returns the code with the rest of stdout.
-    fn wait(mut self) -> (i32, Vec<String>) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let rest: Vec<String> = self.lines.try_iter().collect();
-                return (status.code().unwrap_or(-1), rest);
-            }
-            assert!(Instant::now() < deadline, "the server did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
