@@ -43,23 +43,40 @@ impl Drop for TempDir {
 impl Prometheus {
     fn start(target: std::net::SocketAddr) -> Self {
         let bin = require("prometheus");
-        let dir = std::env::temp_dir().join(format!("wsotel-prom-{}-{}", std::process::id(), target.port()));
+        let dir = std::env::temp_dir().join(format!(
+            "wsotel-prom-{}-{}",
+            std::process::id(),
+            target.port()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: wsotel\n    static_configs:\n      - targets: ['{target}']\n"
         );
         std::fs::write(dir.join("prometheus.yml"), config).unwrap();
         // Prometheus cannot report a port it chose itself: take a free one.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let child = Command::new(bin)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
             .spawn()
             .unwrap();
-        Prometheus { child, addr, _dir: TempDir(dir) }
+        Prometheus {
+            child,
+            addr,
+            _dir: TempDir(dir),
+        }
     }
 
     async fn ready(&self) {
@@ -81,7 +98,9 @@ impl Prometheus {
         let q: String = promql
             .bytes()
             .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
                 _ => format!("%{b:02X}"),
             })
             .collect();
@@ -93,7 +112,12 @@ impl Prometheus {
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| (r["metric"].clone(), r["value"][1].as_str().unwrap().parse().unwrap()))
+            .map(|r| {
+                (
+                    r["metric"].clone(),
+                    r["value"][1].as_str().unwrap().parse().unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -111,7 +135,10 @@ impl Prometheus {
             if got == Some(want) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{promql}: want {want}, last {got:?}");
+            assert!(
+                Instant::now() < deadline,
+                "{promql}: want {want}, last {got:?}"
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -130,7 +157,10 @@ async fn prometheus_scrapes_exact_session_values() {
         &[],
         &[
             ("OTEL_SERVICE_NAME", "e2e-svc"),
-            ("OTEL_RESOURCE_ATTRIBUTES", "cloud.region=eu-test-1,deployment.environment.name=ci"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "cloud.region=eu-test-1,deployment.environment.name=ci",
+            ),
         ],
     );
     let prom = Prometheus::start(server.admin);
@@ -149,49 +179,94 @@ async fn prometheus_scrapes_exact_session_values() {
         members.push(connect(&room).await);
     }
     for _ in 0..5 {
-        members[0].send(Message::binary(vec![1u8; 64])).await.unwrap();
+        members[0]
+            .send(Message::binary(vec![1u8; 64]))
+            .await
+            .unwrap();
     }
     for m in &mut members[1..] {
         for _ in 0..5 {
             assert_eq!(next_data(m).await, Message::binary(vec![1u8; 64]));
         }
     }
-    prom.until("sum(websocket_server_active_connections)", 4.0).await;
+    prom.until("sum(websocket_server_active_connections)", 4.0)
+        .await;
     assert_eq!(prom.scalar("sum(websocket_server_rooms)").await, Some(1.0));
     for mut ws in std::iter::once(echo).chain(members) {
         ws.close(None).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
     }
-    prom.until("sum(websocket_server_active_connections)", 0.0).await;
+    prom.until("sum(websocket_server_active_connections)", 0.0)
+        .await;
     prom.until(r#"sum(websocket_server_connection_duration_seconds_count{websocket_close_reason="normal"})"#, 4.0)
         .await;
 
     let exact = [
-        (r#"sum(websocket_server_messages_total{http_route="/ws/echo",network_io_direction="receive",websocket_message_type="text"})"#, 37.0),
-        (r#"sum(websocket_server_messages_total{http_route="/ws/echo",network_io_direction="transmit",websocket_message_type="text"})"#, 37.0),
-        (r#"sum(websocket_server_io_bytes_total{http_route="/ws/echo",network_io_direction="transmit"})"#, 3700.0),
-        (r#"sum(websocket_server_message_size_bytes_count{http_route="/ws/echo",network_io_direction="receive"})"#, 37.0),
-        (r#"sum(websocket_server_messages_total{http_route="/ws/rooms/{room}",network_io_direction="receive",websocket_message_type="binary"})"#, 5.0),
-        (r#"sum(websocket_server_messages_total{http_route="/ws/rooms/{room}",network_io_direction="transmit",websocket_message_type="binary"})"#, 10.0),
-        (r#"sum(websocket_server_io_bytes_total{http_route="/ws/rooms/{room}",network_io_direction="transmit"})"#, 640.0),
+        (
+            r#"sum(websocket_server_messages_total{http_route="/ws/echo",network_io_direction="receive",websocket_message_type="text"})"#,
+            37.0,
+        ),
+        (
+            r#"sum(websocket_server_messages_total{http_route="/ws/echo",network_io_direction="transmit",websocket_message_type="text"})"#,
+            37.0,
+        ),
+        (
+            r#"sum(websocket_server_io_bytes_total{http_route="/ws/echo",network_io_direction="transmit"})"#,
+            3700.0,
+        ),
+        (
+            r#"sum(websocket_server_message_size_bytes_count{http_route="/ws/echo",network_io_direction="receive"})"#,
+            37.0,
+        ),
+        (
+            r#"sum(websocket_server_messages_total{http_route="/ws/rooms/{room}",network_io_direction="receive",websocket_message_type="binary"})"#,
+            5.0,
+        ),
+        (
+            r#"sum(websocket_server_messages_total{http_route="/ws/rooms/{room}",network_io_direction="transmit",websocket_message_type="binary"})"#,
+            10.0,
+        ),
+        (
+            r#"sum(websocket_server_io_bytes_total{http_route="/ws/rooms/{room}",network_io_direction="transmit"})"#,
+            640.0,
+        ),
         (r#"sum(websocket_server_accepted_connections_total)"#, 4.0),
         (r#"sum(websocket_server_rooms)"#, 0.0),
         (r#"sum(websocket_server_dropped_messages_total)"#, 0.0),
         (r#"sum(websocket_server_errors_total)"#, 0.0),
-        (r#"sum(websocket_server_message_duration_seconds_count)"#, 42.0),
-        (r#"sum(http_server_request_duration_seconds_count{http_response_status_code="101"})"#, 4.0),
+        (
+            r#"sum(websocket_server_message_duration_seconds_count)"#,
+            42.0,
+        ),
+        (
+            r#"sum(http_server_request_duration_seconds_count{http_response_status_code="101"})"#,
+            4.0,
+        ),
         (r#"up{job="wsotel"}"#, 1.0),
-        (r#"count(target_info{service_name="e2e-svc",cloud_region="eu-test-1",deployment_environment_name="ci"})"#, 1.0),
+        (
+            r#"count(target_info{service_name="e2e-svc",cloud_region="eu-test-1",deployment_environment_name="ci"})"#,
+            1.0,
+        ),
         // The promoted resource attributes label every series.
-        (r#"count(websocket_server_messages_total{cloud_region="eu-test-1",service_instance_id=~".+"}) == count(websocket_server_messages_total)"#, 20.0),
+        (
+            r#"count(websocket_server_messages_total{cloud_region="eu-test-1",service_instance_id=~".+"}) == count(websocket_server_messages_total)"#,
+            20.0,
+        ),
     ];
     for (q, want) in exact {
         assert_eq!(prom.scalar(q).await, Some(want), "{q}");
     }
-    assert!(prom.scalar("sum(process_memory_usage_bytes)").await.unwrap() > 1e6);
+    assert!(
+        prom.scalar("sum(process_memory_usage_bytes)")
+            .await
+            .unwrap()
+            > 1e6
+    );
     assert!(prom.scalar(r#"histogram_quantile(0.5, sum by (le) (websocket_server_message_duration_seconds_bucket))"#).await.unwrap() < 0.1);
     server.sigterm();
-    let (code, _) = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
     assert_eq!(code, 0);
 }
 
@@ -212,7 +287,10 @@ async fn promtool_check_metrics_passes() {
         if body.contains("websocket_server_connection_duration_seconds_bucket") {
             break body;
         }
-        assert!(Instant::now() < deadline, "the closed connection shows up in /metrics");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection shows up in /metrics"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
@@ -224,9 +302,18 @@ async fn promtool_check_metrics_passes() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Exit 0 is clean; 3 is lint warnings only. The only warnings allowed are the semantic
     // conventions' own `.count` names (see docs/metrics.md); 1 (a parse error) never.
     match out.status.code() {
@@ -234,7 +321,8 @@ async fn promtool_check_metrics_passes() {
         Some(3) => {
             for line in report.lines().filter(|l| !l.trim().is_empty()) {
                 assert!(
-                    (line.starts_with("process_unix_file_descriptor_count") || line.starts_with("process_thread_count"))
+                    (line.starts_with("process_unix_file_descriptor_count")
+                        || line.starts_with("process_thread_count"))
                         && line.contains("should not have \"_count\" suffix"),
                     "unexpected promtool finding: {line}\n{report}"
                 );

@@ -108,4 +108,3 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
-
