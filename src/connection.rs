@@ -5,7 +5,7 @@
 //! message is counted on the route's bound instruments as it crosses the socket; the
 //! connection's own totals go on its span and its closing log line.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use tokio::sync::mpsc;
@@ -13,10 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::rooms::Rooms;
+use crate::telemetry::traces::Handling;
 use crate::telemetry::{
-    CloseReason, ConnectionGuard, Direction, DropReason, ErrorType, Events, MessageType,
-    RouteInstruments,
+    CloseReason, ConnectionGuard, Direction, DropReason, ErrorType, Events, MessageSpans,
+    MessageType, Route, RouteInstruments,
 };
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// Close codes the server sends (RFC 6455 section 7.4.1).
 pub mod close_code {
@@ -51,6 +54,10 @@ pub struct ConnectionContext {
     pub pong_timeout: Duration,
     /// What this connection does with data messages.
     pub kind: ConnectionKind,
+    /// The connection's span, made in the upgrade request's span so it is its child.
+    pub span: tracing::Span,
+    /// Message-level spans, when traces are exported.
+    pub message_spans: Option<MessageSpans>,
 }
 
 /// Echo or room member.
@@ -68,6 +75,16 @@ pub enum ConnectionKind {
     },
 }
 
+impl ConnectionKind {
+    /// The room's name, for a room member.
+    pub fn room(&self) -> Option<&str> {
+        match self {
+            ConnectionKind::Echo => None,
+            ConnectionKind::Room { name, .. } => Some(name),
+        }
+    }
+}
+
 /// Per-connection totals for the span and the closing log line (metrics are recorded as
 /// messages cross the socket).
 #[derive(Debug, Default, Clone, Copy)]
@@ -83,6 +100,8 @@ struct Ending {
     reason: CloseReason,
     /// A Close frame to send, when the server is the one closing.
     close: Option<(u16, &'static str)>,
+    /// The code the client closed with, when it sent one.
+    client_code: Option<u16>,
 }
 
 impl Ending {
@@ -90,13 +109,28 @@ impl Ending {
         Ending {
             reason,
             close: None,
+            client_code: None,
         }
+    }
+
+    fn client_close(code: Option<u16>) -> Self {
+        Ending {
+            reason: CloseReason::from_client_code(code),
+            close: None,
+            client_code: code,
+        }
+    }
+
+    /// The close code of the connection: sent by the server, else received from the client.
+    fn code(&self) -> Option<u16> {
+        self.close.map(|(c, _)| c).or(self.client_code)
     }
 
     fn server(reason: CloseReason, code: u16, text: &'static str) -> Self {
         Ending {
             reason,
             close: Some((code, text)),
+            client_code: None,
         }
     }
 }
@@ -145,19 +179,26 @@ impl Heartbeat {
     }
 }
 
-/// Serves one upgraded connection until it closes.
-pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
-    let span = tracing::info_span!(
+/// The connection's span; create it inside the upgrade request's span so it becomes its child.
+/// The close code, reason and totals are recorded on it when the connection ends.
+pub fn connection_span(id: u64, route: Route, room: Option<&str>) -> tracing::Span {
+    tracing::info_span!(
         "websocket.connection",
-        connection.id = ctx.id as i64,
-        http.route = ctx.guard.instruments().route().as_str(),
-        websocket.room = tracing::field::Empty,
+        connection.id = id as i64,
+        http.route = route.as_str(),
+        websocket.room = room,
+        websocket.close.code = tracing::field::Empty,
         websocket.close.reason = tracing::field::Empty,
         websocket.messages.received = tracing::field::Empty,
         websocket.messages.sent = tracing::field::Empty,
         websocket.bytes.received = tracing::field::Empty,
         websocket.bytes.sent = tracing::field::Empty,
-    );
+    )
+}
+
+/// Serves one upgraded connection until it closes.
+pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
+    let span = ctx.span.clone();
     run_connection(socket, ctx).instrument(span).await
 }
 
@@ -169,7 +210,17 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
         ping_interval,
         pong_timeout,
         kind,
+        span: _,
+        message_spans,
     } = ctx;
+    // Message spans link to this connection's span (starting it if it has not started).
+    let connection_context = message_spans.as_ref().map(|_| {
+        tracing::Span::current()
+            .context()
+            .span()
+            .span_context()
+            .clone()
+    });
     let events = guard.events().clone();
     let mut link = Link {
         socket,
@@ -182,7 +233,6 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     let (membership, mut rx) = match kind {
         ConnectionKind::Echo => (None, None),
         ConnectionKind::Room { rooms, name, queue } => {
-            tracing::Span::current().record("websocket.room", name.as_str());
             let (tx, rx) = mpsc::channel(queue);
             (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
         }
@@ -217,14 +267,20 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                 };
                 match msg {
                     Message::Text(_) | Message::Binary(_) => {
-                        let handled = match &membership {
-                            None => link.send_data(msg).await,
+                        let traced = message_spans.as_ref().filter(|m| m.sample());
+                        let (kind, size) = kind_and_len(&msg);
+                        let (handled, handling) = match &membership {
+                            None => (link.send_data(msg).await, Handling::Echo),
                             Some(m) => {
-                                m.broadcast(&msg);
-                                Ok(())
+                                let d = m.broadcast(&msg);
+                                (Ok(()), Handling::Broadcast { recipients: d.queued })
                             }
                         };
                         link.route.message_handled(received_at);
+                        if let (Some(spans), Some(conn)) = (traced, connection_context.as_ref()) {
+                            let start = SystemTime::now() - received_at.elapsed();
+                            spans.record(start, conn, id, link.route.route(), kind, size, handling);
+                        }
                         if let Err(e) = handled {
                             break e;
                         }
@@ -239,9 +295,8 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                         // tungstenite has queued the reply; the next read flushes it and ends
                         // the stream.
                         link.route.message(Direction::Transmit, MessageType::Close, 0);
-                        let reason = CloseReason::from_client_code(frame.as_ref().map(|f| f.code));
                         let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, link.socket.recv()).await;
-                        break Ending::client(reason);
+                        break Ending::client_close(frame.as_ref().map(|f| f.code));
                     }
                     Message::Ping(_) => {}
                 }
@@ -295,6 +350,9 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
 
     let reason = ending.reason;
     let span = tracing::Span::current();
+    if let Some(code) = ending.code() {
+        span.record("websocket.close.code", i64::from(code));
+    }
     span.record("websocket.close.reason", reason.as_str());
     span.record("websocket.messages.received", totals.messages_in as i64);
     span.record("websocket.messages.sent", totals.messages_out as i64);
@@ -303,6 +361,7 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     let lifetime = guard.closed(reason);
     tracing::info!(
         connection.id = id as i64,
+        websocket.close.code = ending.code().map(i64::from),
         websocket.close.reason = reason.as_str(),
         duration_ms = lifetime.as_millis() as i64,
         messages_in = totals.messages_in as i64,

@@ -9,20 +9,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::FutureExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::Config;
 use crate::connection::{self, ConnectionContext, ConnectionKind};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
-use crate::telemetry::{ErrorType, Events, RejectReason, Route};
+use crate::telemetry::traces::remote_parent;
+use crate::telemetry::{ErrorType, Events, MessageSpans, RejectReason, Route};
 
 /// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
 /// zero-filled before every read) dominated both idle memory and echo CPU (../shared/FACTS.md).
@@ -47,11 +50,17 @@ struct WsInner {
     shutdown: CancellationToken,
     next_id: AtomicU64,
     allowed_origins: Vec<String>,
+    message_spans: Option<MessageSpans>,
 }
 
 impl WsState {
     /// State for a server with `config`, recording through `events`, draining on `shutdown`.
-    pub fn new(config: Config, events: Events, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        config: Config,
+        events: Events,
+        message_spans: Option<MessageSpans>,
+        shutdown: CancellationToken,
+    ) -> Self {
         let allowed_origins = config
             .allowed_origins
             .iter()
@@ -65,6 +74,7 @@ impl WsState {
                 shutdown,
                 next_id: AtomicU64::new(1),
                 allowed_origins,
+                message_spans,
                 config,
             }),
         }
@@ -90,6 +100,7 @@ pub fn router(state: WsState) -> Router {
         .route("/ws/echo", get(echo))
         .route("/ws/rooms/{room}", get(room))
         .with_state(state)
+        .layer(middleware::from_fn(upgrade_span))
         .layer(middleware::from_fn_with_state(events, http_metrics::record))
 }
 
@@ -196,6 +207,9 @@ fn upgrade(
         },
     };
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    // Made here, inside the upgrade span, so the connection span is its child.
+    let span = connection::connection_span(id, route, kind.room());
+    let message_spans = s.message_spans.clone();
     let shutdown = s.shutdown.clone();
     let events = events.clone();
     let (ping_interval, pong_timeout) = (config.ping_interval, config.pong_timeout);
@@ -214,6 +228,8 @@ fn upgrade(
                 ping_interval,
                 pong_timeout,
                 kind,
+                span,
+                message_spans,
             };
             async move {
                 // A panic in one connection must not go unnoticed nor leak its slot: the
@@ -228,6 +244,56 @@ fn upgrade(
                 drop(permit);
             }
         })
+}
+
+/// Longest `User-Agent` kept on a span: the header is client input.
+const MAX_USER_AGENT: usize = 256;
+
+/// The upgrade request's `SERVER` span, with the HTTP semantic-convention attributes. Its parent
+/// is the client's W3C `traceparent`, when valid; a malformed one starts a new trace and never
+/// fails the upgrade. A refused handshake ends the span with error status and `error.type`.
+async fn upgrade_span(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(|ua| ua.chars().take(MAX_USER_AGENT).collect::<String>())
+        .unwrap_or_default();
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "http.server.request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route,
+        url.scheme = "http",
+        url.path = req.uri().path(),
+        client.address = peer,
+        user_agent.original = user_agent,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    if let Some(parent) = remote_parent(req.headers()) {
+        let _ = span.set_parent(parent);
+    }
+    let response = next.run(req).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", i64::from(status.as_u16()));
+    if status.is_client_error() || status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
 }
 
 /// A request without `Origin` (a non-browser client) passes. One with `Origin` passes when the

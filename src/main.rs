@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio::net::TcpListener;
@@ -25,23 +26,29 @@ fn main() -> ExitCode {
             return fatal(line.trim_start_matches("error: "));
         }
     };
-    telemetry::logging::init(config.log_format);
+    let otlp = match telemetry::OtlpSettings::from_env() {
+        Ok(s) => s,
+        Err(err) => return fatal(&err),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => return fatal(&format!("cannot start the runtime: {err}")),
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, otlp))
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, otlp: telemetry::OtlpSettings) -> ExitCode {
+    // Built inside the runtime: the gRPC exporters need it.
+    let telemetry = match Telemetry::new(&otlp) {
+        Ok(t) => Arc::new(t),
+        Err(err) => return fatal(&err.to_string()),
+    };
+    telemetry::logging::init(config.log_format, &telemetry);
+    log_export_state(&otlp);
     match wsotel::limits::raise_open_file_limit() {
         Ok(limit) => tracing::info!(open_file_limit = limit as i64, "open-file limit"),
         Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
     }
-    let telemetry = match Telemetry::new() {
-        Ok(t) => Arc::new(t),
-        Err(err) => return fatal(&format!("telemetry: {err}")),
-    };
     let ws = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(err) => return fatal(&format!("cannot listen on {}: {err}", config.listen)),
@@ -64,7 +71,7 @@ async fn serve(config: Config) -> ExitCode {
         wsotel::shutdown_signal(),
     )
     .await;
-    telemetry.shutdown();
+    telemetry.shutdown(TELEMETRY_SHUTDOWN);
     match result {
         Ok(()) => {
             tracing::info!("wsotel stopped");
@@ -73,6 +80,35 @@ async fn serve(config: Config) -> ExitCode {
         Err(err) => {
             tracing::error!(error = %err, "wsotel failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Longest the final flush of spans, logs and metrics may hold the exit.
+const TELEMETRY_SHUTDOWN: Duration = Duration::from_secs(10);
+
+/// One startup line on what is exported where.
+fn log_export_state(otlp: &telemetry::OtlpSettings) {
+    use telemetry::settings::Signal;
+    if otlp.disabled {
+        tracing::info!("OTEL_SDK_DISABLED=true: OTLP export off; /metrics and stdout logs on");
+        return;
+    }
+    if !otlp.any() {
+        tracing::info!(
+            "OTLP export off (no OTEL_EXPORTER_OTLP_ENDPOINT); /metrics and stdout logs on"
+        );
+        return;
+    }
+    for signal in [Signal::Traces, Signal::Metrics, Signal::Logs] {
+        match otlp.of(signal) {
+            Some(e) => tracing::info!(
+                signal = signal.as_str(),
+                endpoint = %e.endpoint,
+                protocol = e.protocol.as_str(),
+                "OTLP export on"
+            ),
+            None => tracing::info!(signal = signal.as_str(), "OTLP export off"),
         }
     }
 }

@@ -55,7 +55,12 @@ pub async fn run(
     let drain_timeout = config.drain_timeout;
     let handshake_timeout = config.handshake_timeout;
 
-    let state = WsState::new(config, telemetry.events().clone(), draining.clone());
+    let state = WsState::new(
+        config,
+        telemetry.events().clone(),
+        telemetry.message_spans().cloned(),
+        draining.clone(),
+    );
     let ws_router = handshake::router(state.clone());
     let accept = tokio::spawn(accept_loop(
         ws_listener,

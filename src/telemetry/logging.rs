@@ -1,31 +1,156 @@
-//! stdout logging: text by default, JSON with `--log-format json`, filtered by `RUST_LOG`
-//! (default `info`).
+//! The `tracing` subscriber: stdout logs, and the OpenTelemetry bridges for spans and logs.
+//!
+//! - stdout: text by default, JSON lines with `--log-format json`; filtered by `RUST_LOG`
+//!   (default `info`). JSON lines carry `trace_id` and `span_id` of the span they happen in,
+//!   so logs collected from stdout link to traces too.
+//! - spans: when traces are exported, `tracing-opentelemetry` turns wsotel's spans into OTel
+//!   spans and activates their context, so log records made inside them carry their ids.
+//! - log records: when logs are exported, `opentelemetry-appender-tracing` turns events into
+//!   OTel log records. The exporters' own crates (hyper, h2, tonic, tower, reqwest and the
+//!   OpenTelemetry crates) are kept out, so export failures cannot feed themselves.
+//! - The OpenTelemetry SDK reports each failed export on stdout; with the collector down that
+//!   is several lines a minute. They are let through at most once a minute.
 
+use std::fmt;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
+use super::Telemetry;
 use crate::config::LogFormat;
 
-/// Installs the global `tracing` subscriber. Call once, from `main`.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Targets whose events never become OTel log records.
+const NOT_EXPORTED: [&str; 6] = ["hyper", "h2", "tonic", "tower", "reqwest", "opentelemetry"];
+
+/// Installs the global subscriber. Call once, from `main`, after [`Telemetry::new`].
+pub fn init(format: LogFormat, telemetry: &Telemetry) {
     let ansi = std::io::stdout().is_terminal();
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
-            .init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .init(),
+    let stdout = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_ansi(ansi).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .event_format(JsonLines)
+            .boxed(),
+    }
+    .with_filter(env_filter().and(filter_fn(sdk_errors_once_a_minute)));
+
+    // Spans must pass this filter for their log records to carry trace context.
+    let spans = telemetry.tracer_provider().map(|tp| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tp.tracer("wsotel"))
+            .with_filter(Targets::new().with_target("wsotel", Level::INFO))
+    });
+    let logs = telemetry.logger_provider().map(|lp| {
+        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp).with_filter(
+            env_filter().and(filter_fn(|m| {
+                !NOT_EXPORTED.iter().any(|p| m.target().starts_with(p))
+            })),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(stdout)
+        .with(spans)
+        .with(logs)
+        .init();
+}
+
+fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Lets warnings and errors from the OpenTelemetry crates through at most once a minute.
+fn sdk_errors_once_a_minute(meta: &tracing::Metadata<'_>) -> bool {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    if !meta.target().starts_with("opentelemetry") || *meta.level() > Level::WARN {
+        return true;
+    }
+    // Called for callsite interest too; only events are limited.
+    if !meta.is_event() {
+        return true;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last + 60
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// One JSON object per line: timestamp, level, target, the event's fields flattened, the
+/// current span's name, and `trace_id`/`span_id` when the event happens inside a traced span.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut timestamp = String::new();
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
+        let meta = event.metadata();
+        let mut obj = serde_json::Map::new();
+        obj.insert("timestamp".into(), timestamp.into());
+        obj.insert("level".into(), meta.level().as_str().into());
+        obj.insert("target".into(), meta.target().into());
+        event.record(&mut JsonVisitor(&mut obj));
+        if let Some(span) = ctx.lookup_current() {
+            obj.insert("span".into(), span.name().into());
+        }
+        let cx = opentelemetry::Context::current();
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            obj.insert("trace_id".into(), sc.trace_id().to_string().into());
+            obj.insert("span_id".into(), sc.span_id().to_string().into());
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        writeln!(writer, "{line}")
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.insert(field.name().into(), value.to_string().into());
     }
 }

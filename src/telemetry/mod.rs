@@ -8,7 +8,10 @@
 pub mod instruments;
 pub mod labels;
 pub mod logging;
+pub mod otlp;
 pub mod process;
+pub mod settings;
+pub mod traces;
 
 use std::collections::HashSet;
 
@@ -22,6 +25,12 @@ use opentelemetry_sdk::resource::{
 
 pub use instruments::{ConnectionGuard, Events, RouteInstruments};
 pub use labels::{CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route};
+pub use settings::OtlpSettings;
+pub use traces::MessageSpans;
+
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::time::Duration;
 
 /// The instrumentation scope of every wsotel instrument.
 pub const SCOPE: &str = "wsotel";
@@ -33,6 +42,9 @@ pub const PROMOTED_RESOURCE_KEYS: [&str; 2] = ["service.instance.id", "cloud.reg
 /// Errors while setting telemetry up.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
+    /// A setting is invalid (an `OTEL_*` variable, an exporter that cannot be built).
+    #[error("{0}")]
+    Config(String),
     /// The Prometheus exporter could not be built.
     #[error("prometheus exporter: {0}")]
     Prometheus(String),
@@ -46,15 +58,26 @@ pub enum TelemetryError {
 pub struct Telemetry {
     resource: Resource,
     meter_provider: SdkMeterProvider,
+    tracer_provider: Option<SdkTracerProvider>,
+    logger_provider: Option<SdkLoggerProvider>,
+    message_spans: Option<MessageSpans>,
     registry: prometheus::Registry,
     events: Events,
+    settings: OtlpSettings,
 }
 
 impl Telemetry {
+    /// Telemetry with OTLP off: `/metrics` only. For tests and embedders.
+    pub fn standalone() -> Result<Self, TelemetryError> {
+        Self::new(&OtlpSettings::off())
+    }
+
     /// Builds the resource from the environment (`OTEL_SERVICE_NAME`,
-    /// `OTEL_RESOURCE_ATTRIBUTES`) and the meter provider with its Prometheus reader, and
-    /// creates every instrument.
-    pub fn new() -> Result<Self, TelemetryError> {
+    /// `OTEL_RESOURCE_ATTRIBUTES`), one meter provider with the Prometheus reader (and the
+    /// OTLP reader when metrics are exported), the tracer and logger providers when those
+    /// signals are exported, and every instrument. Must run inside the Tokio runtime when a
+    /// gRPC exporter is configured.
+    pub fn new(settings: &OtlpSettings) -> Result<Self, TelemetryError> {
         let resource = build_resource();
         let registry = prometheus::Registry::new();
         let keys: HashSet<Key> = PROMOTED_RESOURCE_KEYS
@@ -66,10 +89,21 @@ impl Telemetry {
             .with_resource_selector(keys)
             .build()
             .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
-        let meter_provider = SdkMeterProvider::builder()
+        let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
-            .with_reader(exporter)
-            .build();
+            .with_reader(exporter);
+        if let Some(reader) = otlp::metric_reader(settings).map_err(TelemetryError::Config)? {
+            meters = meters.with_reader(reader);
+        }
+        let meter_provider = meters.build();
+        let tracer_provider =
+            otlp::tracer_provider(settings, &resource).map_err(TelemetryError::Config)?;
+        let logger_provider =
+            otlp::logger_provider(settings, &resource).map_err(TelemetryError::Config)?;
+        let message_spans = tracer_provider
+            .as_ref()
+            .filter(|_| settings.sampler.samples_roots())
+            .map(|tp| MessageSpans::new(tp, settings.sampler.sampler()));
         let meter = meter_provider.meter_with_scope(
             opentelemetry::InstrumentationScope::builder(SCOPE)
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -80,9 +114,33 @@ impl Telemetry {
         Ok(Telemetry {
             resource,
             meter_provider,
+            tracer_provider,
+            logger_provider,
+            message_spans,
             registry,
             events,
+            settings: settings.clone(),
         })
+    }
+
+    /// The export settings in force.
+    pub fn settings(&self) -> &OtlpSettings {
+        &self.settings
+    }
+
+    /// The tracer provider, when traces are exported.
+    pub fn tracer_provider(&self) -> Option<&SdkTracerProvider> {
+        self.tracer_provider.as_ref()
+    }
+
+    /// The logger provider, when logs are exported.
+    pub fn logger_provider(&self) -> Option<&SdkLoggerProvider> {
+        self.logger_provider.as_ref()
+    }
+
+    /// Message-level spans, when traces are exported and the sampler can sample roots.
+    pub fn message_spans(&self) -> Option<&MessageSpans> {
+        self.message_spans.as_ref()
     }
 
     /// The recording handle the server uses.
@@ -103,10 +161,48 @@ impl Telemetry {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
-    /// Flushes and shuts the providers down; errors are logged, never panicked on.
-    pub fn shutdown(&self) {
-        if let Err(err) = self.meter_provider.shutdown() {
-            tracing::warn!(error = %err, "meter provider shutdown failed");
+    /// Flushes and shuts the providers down in the order tracer, logger, meter (so the last
+    /// spans' and logs' metrics are still recorded), within `bound` in all. Errors are logged,
+    /// never panicked on; a collector that does not answer cannot hold the exit past `bound`.
+    pub fn shutdown(&self, bound: Duration) {
+        let tracer = self.tracer_provider.clone();
+        let logger = self.logger_provider.clone();
+        let meter = self.meter_provider.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("wsotel-telemetry-shutdown".into())
+            .spawn(move || {
+                let mut errors = Vec::new();
+                if let Some(t) = tracer {
+                    if let Err(e) = t.shutdown() {
+                        errors.push(format!("tracer provider: {e}"));
+                    }
+                }
+                if let Some(l) = logger {
+                    if let Err(e) = l.shutdown() {
+                        errors.push(format!("logger provider: {e}"));
+                    }
+                }
+                if let Err(e) = meter.shutdown() {
+                    errors.push(format!("meter provider: {e}"));
+                }
+                let _ = tx.send(errors);
+            });
+        if let Err(err) = worker {
+            tracing::warn!(error = %err, "cannot start the telemetry shutdown thread");
+            return;
+        }
+        match rx.recv_timeout(bound) {
+            Ok(errors) if errors.is_empty() => tracing::debug!("telemetry flushed"),
+            Ok(errors) => {
+                for e in errors {
+                    tracing::warn!(error = %e, "telemetry shutdown");
+                }
+            }
+            Err(_) => tracing::warn!(
+                bound_ms = bound.as_millis() as i64,
+                "telemetry shutdown did not finish in time; exiting anyway"
+            ),
         }
     }
 }

@@ -39,7 +39,7 @@ impl TestServer {
         let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (ws_addr, admin_addr) = (ws.local_addr().unwrap(), admin.local_addr().unwrap());
-        let telemetry = Arc::new(Telemetry::new().unwrap());
+        let telemetry = Arc::new(Telemetry::standalone().unwrap());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(wsotel::run(
             ws,

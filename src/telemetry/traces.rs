@@ -1,0 +1,208 @@
+//! Trace shapes: the upgrade request's server span, the connection span and message spans.
+//!
+//! - The upgrade request gets a `SERVER` span (HTTP semantic conventions) whose parent is the
+//!   W3C `traceparent` the client sent; a malformed header starts a new trace.
+//! - The connection span (`websocket.connection`) is the upgrade span's child and lasts as long
+//!   as the connection; it ends with the close code, reason and totals.
+//! - Each handled message may get a span of its own, sampled by the configured sampler. A
+//!   long-lived connection must not grow one unbounded trace, so message spans are **roots of
+//!   their own traces, linked to the connection span**. They are built with the OpenTelemetry
+//!   API directly (not `tracing`), and the sampling decision is taken *before* anything is
+//!   allocated: an unsampled message costs one random id and one sampler call. The provider's
+//!   sampler ([`MessageAwareSampler`]) then records the message spans already chosen, so the
+//!   configured sampler decides exactly once per message.
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{
+    Link, Span as _, SpanContext, SpanKind, TraceContextExt, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SamplingResult, SdkTracer,
+    SdkTracerProvider, ShouldSample,
+};
+
+use super::labels::{MessageType, Route};
+
+/// The span name of message spans.
+pub const MESSAGE_SPAN: &str = "websocket.message";
+
+/// Starts message spans, deciding sampling first.
+#[derive(Clone, Debug)]
+pub struct MessageSpans {
+    tracer: SdkTracer,
+    sampler: Sampler,
+    ids: RandomIdGenerator,
+}
+
+/// What was done with a message, for its span.
+#[derive(Debug, Clone, Copy)]
+pub enum Handling {
+    /// Sent back to its sender.
+    Echo,
+    /// Queued for this many other room members.
+    Broadcast {
+        /// Members it was queued for.
+        recipients: usize,
+    },
+}
+
+impl MessageSpans {
+    pub(crate) fn new(provider: &SdkTracerProvider, sampler: Sampler) -> Self {
+        MessageSpans {
+            tracer: provider.tracer("wsotel"),
+            sampler,
+            ids: RandomIdGenerator::default(),
+        }
+    }
+
+    /// Whether the next message gets a span, by the configured sampler.
+    #[inline]
+    pub fn sample(&self) -> bool {
+        let result = self.sampler.should_sample(
+            None,
+            self.ids.new_trace_id(),
+            MESSAGE_SPAN,
+            &SpanKind::Internal,
+            &[],
+            &[],
+        );
+        result.decision == SamplingDecision::RecordAndSample
+    }
+
+    /// Records a span for one handled message that started at `start`, linked to its
+    /// connection's span.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        start: std::time::SystemTime,
+        connection: &SpanContext,
+        connection_id: u64,
+        route: Route,
+        kind: MessageType,
+        size: usize,
+        handling: Handling,
+    ) {
+        let mut attributes = vec![
+            KeyValue::new("http.route", route.as_str()),
+            KeyValue::new("connection.id", connection_id as i64),
+            KeyValue::new("websocket.message.type", kind.as_str()),
+            KeyValue::new("websocket.message.size", size as i64),
+        ];
+        match handling {
+            Handling::Echo => attributes.push(KeyValue::new("websocket.operation", "echo")),
+            Handling::Broadcast { recipients } => {
+                attributes.push(KeyValue::new("websocket.operation", "broadcast"));
+                attributes.push(KeyValue::new("websocket.recipients", recipients as i64));
+            }
+        }
+        let links = if connection.is_valid() {
+            vec![Link::with_context(connection.clone())]
+        } else {
+            Vec::new()
+        };
+        let mut span = self
+            .tracer
+            .span_builder(MESSAGE_SPAN)
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes(attributes)
+            .with_links(links)
+            .start_with_context(&self.tracer, &Context::new());
+        span.end();
+    }
+}
+
+/// The provider's sampler: the configured one for every span except message spans without a
+/// parent, which [`MessageSpans::sample`] has already sampled with the configured one.
+#[derive(Clone, Debug)]
+pub struct MessageAwareSampler {
+    inner: Sampler,
+}
+
+impl MessageAwareSampler {
+    /// Wraps the configured sampler.
+    pub fn new(inner: Sampler) -> Self {
+        MessageAwareSampler { inner }
+    }
+}
+
+impl ShouldSample for MessageAwareSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let root = parent_context.is_none_or(|cx| !cx.span().span_context().is_valid());
+        if root && name == MESSAGE_SPAN {
+            return SamplingResult {
+                decision: SamplingDecision::RecordAndSample,
+                attributes: Vec::new(),
+                trace_state: TraceState::default(),
+            };
+        }
+        self.inner
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
+}
+
+/// Reads a W3C `traceparent` (and `tracestate`) from request headers. Returns `None` when it is
+/// absent or malformed: the upgrade then starts a new trace, and never fails because of it.
+pub fn remote_parent(headers: &http::HeaderMap) -> Option<Context> {
+    let cx = TraceContextPropagator::new()
+        .extract_with_context(&Context::new(), &HeaderExtractor(headers));
+    cx.span().span_context().is_valid().then_some(cx)
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(tp: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", tp.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn traceparent() {
+        let cx = remote_parent(&headers(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ))
+        .expect("valid");
+        let sc = cx.span().span_context().clone();
+        assert_eq!(
+            sc.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(sc.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(sc.is_remote());
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-zz-01",
+        ] {
+            assert!(remote_parent(&headers(bad)).is_none(), "{bad}");
+        }
+        assert!(remote_parent(&http::HeaderMap::new()).is_none());
+    }
+}
