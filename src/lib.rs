@@ -19,24 +19,24 @@ pub use config::Config;
 pub use server::{ServerError, run};
 pub use telemetry::Telemetry;
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot listen for SIGTERM");
+/// Registers SIGINT and SIGTERM handlers now, and returns a future that resolves when either
+/// arrives. Registering up front (not on first poll) means a signal that arrives while the
+/// server is still starting is not lost to the default handler. Must be called inside the Tokio
+/// runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            },
+            (Err(err), _) | (_, Err(err)) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM/SIGINT");
                 std::future::pending::<()>().await
             }
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
     }
 }

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, otlp: telemetry::OtlpSettings) -> ExitCode {
+    let shutdown = wsotel::shutdown_signal();
     // Built inside the runtime: the gRPC exporters need it.
     let telemetry = match Telemetry::new(&otlp) {
         Ok(t) => Arc::new(t),
@@ -63,14 +64,7 @@ async fn serve(config: Config, otlp: telemetry::OtlpSettings) -> ExitCode {
         version = env!("CARGO_PKG_VERSION"),
         "wsotel started"
     );
-    let result = wsotel::run(
-        ws,
-        admin,
-        config,
-        telemetry.clone(),
-        wsotel::shutdown_signal(),
-    )
-    .await;
+    let result = wsotel::run(ws, admin, config, telemetry.clone(), shutdown).await;
     telemetry.shutdown(TELEMETRY_SHUTDOWN);
     match result {
         Ok(()) => {

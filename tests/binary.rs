@@ -30,6 +30,32 @@ fn bad_values_stop_startup_with_one_line_and_exit_2() {
         (&["--log-format", "xml"], &[], "xml"),
         (&[], &[("WSOTEL_DRAIN_TIMEOUT", "0s")], "greater than zero"),
         (&[], &[("WSOTEL_MAX_CONNECTIONS", "many")], "many"),
+        (
+            &[],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")],
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ),
+        (
+            &[],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "smoke-signals"),
+            ],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            &[],
+            &[
+                ("OTEL_TRACES_SAMPLER", "traceidratio"),
+                ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ],
+            "OTEL_TRACES_SAMPLER_ARG",
+        ),
+        (
+            &[],
+            &[("OTEL_METRIC_EXPORT_INTERVAL", "soon")],
+            "OTEL_METRIC_EXPORT_INTERVAL",
+        ),
     ];
     for (args, env, needle) in cases {
         let mut cmd = wsotel();
@@ -60,6 +86,7 @@ fn occupied_port_is_one_line_and_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_with_1001_and_exits_0() {
     let server = start(&[]);
+    let startup = server.startup.clone();
     let mut echo = connect(&format!("ws://{}/ws/echo", server.ws)).await;
     let mut member = connect(&format!("ws://{}/ws/rooms/shutdown", server.ws)).await;
     use futures_util::SinkExt;
@@ -81,6 +108,11 @@ async fn sigterm_drains_with_1001_and_exits_0() {
     assert!(log.contains("all connections drained"), "{log}");
     assert!(log.contains("wsotel stopped"), "{log}");
     assert!(log.contains("SIGTERM received"), "{log}");
+    let startup = startup.join("\n");
+    assert!(
+        startup.contains("OTLP export off (no OTEL_EXPORTER_OTLP_ENDPOINT)"),
+        "one startup line says OTLP is off: {startup}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::{FilterExt, Targets, filter_fn};
+use tracing_subscriber::filter::{FilterExt, Targets, dynamic_filter_fn, filter_fn};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -44,7 +44,7 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
             .event_format(JsonLines)
             .boxed(),
     }
-    .with_filter(env_filter().and(filter_fn(sdk_errors_once_a_minute)));
+    .with_filter(env_filter().and(dynamic_filter_fn(|m, _| sdk_errors_once_a_minute(m))));
 
     // Spans must pass this filter for their log records to carry trace context.
     let spans = telemetry.tracer_provider().map(|tp| {
@@ -76,7 +76,7 @@ fn sdk_errors_once_a_minute(meta: &tracing::Metadata<'_>) -> bool {
     if !meta.target().starts_with("opentelemetry") || *meta.level() > Level::WARN {
         return true;
     }
-    // Called for callsite interest too; only events are limited.
+    // A dynamic filter: asked for every event, never cached per callsite.
     if !meta.is_event() {
         return true;
     }

@@ -2,6 +2,7 @@
 //! WebSocket clients.
 #![allow(dead_code)]
 
+pub mod otlp;
 pub mod process;
 
 use std::collections::BTreeMap;

@@ -21,6 +21,8 @@ pub struct Running {
     pub child: Child,
     pub ws: std::net::SocketAddr,
     pub admin: std::net::SocketAddr,
+    /// Every stdout line up to and including the startup line.
+    pub startup: Vec<String>,
     pub lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -49,10 +51,12 @@ pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Running {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut startup = Vec::new();
     loop {
         let line = rx
             .recv_timeout(deadline - Instant::now())
             .expect("startup line");
+        startup.push(line.clone());
         if line.contains("wsotel started") {
             let field = |name: &str| -> std::net::SocketAddr {
                 let plain = format!("{name}=");
@@ -72,6 +76,7 @@ pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Running {
             return Running {
                 ws: field("listen"),
                 admin: field("admin_listen"),
+                startup,
                 child,
                 lines: rx,
             };

@@ -1,0 +1,450 @@
+//! OTLP export from the real binary to a real OTLP receiver (tonic gRPC services generated from
+//! the official proto definitions, and HTTP/protobuf), during scripted sessions.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::otlp::*;
+use common::process::*;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+type Series = BTreeMap<(String, BTreeMap<String, String>), f64>;
+
+/// Normalises `le` so both paths print bucket bounds alike.
+fn key(name: &str, labels: &BTreeMap<String, String>) -> (String, BTreeMap<String, String>) {
+    let mut l = labels.clone();
+    if let Some(le) = l.get_mut("le") {
+        if le != "+Inf" {
+            *le = le.parse::<f64>().unwrap().to_string();
+        }
+    }
+    (name.to_owned(), l)
+}
+
+/// The wsotel-scope series of a `/metrics` scrape, without the labels only Prometheus adds.
+fn prometheus_series(m: &Metrics) -> Series {
+    m.samples
+        .iter()
+        .filter(|s| s.labels.get("otel_scope_name").map(String::as_str) == Some("wsotel"))
+        .map(|s| {
+            let mut l = s.labels.clone();
+            for k in [
+                "otel_scope_name",
+                "otel_scope_version",
+                "service_instance_id",
+                "cloud_region",
+            ] {
+                l.remove(k);
+            }
+            (key(&s.name, &l), s.value)
+        })
+        .collect()
+}
+
+/// Runs a traced echo session: `n` text messages of 50 B, closed with 1000.
+async fn echo_session(ws_addr: std::net::SocketAddr, n: usize) {
+    let mut req = format!("ws://{ws_addr}/ws/echo")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+            .parse()
+            .unwrap(),
+    );
+    req.headers_mut()
+        .insert("user-agent", "otlp-test/1.0".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    for i in 0..n {
+        let text = format!("{i:0>50}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text(text));
+    }
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .await
+    .unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
+async fn idle(admin: std::net::SocketAddr, closed: f64) -> Metrics {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = http_get(admin, "/metrics").await;
+        let m = Metrics::parse(&body);
+        if m.sum("websocket_server_connection_duration_seconds_count", &[]) == closed {
+            return m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections did not close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
+    let receiver = Receiver::default();
+    let (l, addr) = listener().await;
+    let _rx = receiver.serve_grpc(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "1.0"),
+            ("OTEL_SERVICE_NAME", "otlp-test"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "service.instance.id=inst-42,cloud.region=r1,deployment.environment.name=test",
+            ),
+        ],
+    );
+    echo_session(server.ws, 7).await;
+    let scraped = idle(server.admin, 1.0).await;
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+
+    // Resource.
+    let metrics = receiver.last_metrics("wsotel");
+    assert!(!metrics.is_empty(), "metrics arrived");
+    let resource = &metrics[0].0;
+    assert_eq!(
+        attr(&resource.attributes, "service.name").as_deref(),
+        Some("otlp-test")
+    );
+    assert_eq!(
+        attr(&resource.attributes, "service.instance.id").as_deref(),
+        Some("inst-42")
+    );
+    assert_eq!(
+        attr(&resource.attributes, "cloud.region").as_deref(),
+        Some("r1")
+    );
+    assert_eq!(
+        attr(&resource.attributes, "deployment.environment.name").as_deref(),
+        Some("test")
+    );
+    assert_eq!(
+        attr(&resource.attributes, "service.version").as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+
+    // Every catalog metric over OTLP has the values /metrics showed (the final export happens at
+    // shutdown, after the scrape; nothing but the scrape itself happened in between).
+    let prom = prometheus_series(&scraped);
+    let mut otlp = Series::new();
+    for (_, m) in &metrics {
+        for (name, labels, value) in as_prometheus(m) {
+            otlp.insert(key(&name, &labels), value);
+        }
+    }
+    let comparable = |name: &str, labels: &BTreeMap<String, String>| {
+        // Process metrics move on their own; the admin listener's own requests continued after
+        // the scrape.
+        let ws_route = labels
+            .get("http_route")
+            .is_some_and(|r| r.starts_with("/ws/"));
+        let admin_request = name.starts_with("http_server_request_duration") && !ws_route;
+        !name.starts_with("process_") && !admin_request
+    };
+    let mut compared = 0;
+    for ((name, labels), value) in &prom {
+        if !comparable(name, labels) {
+            continue;
+        }
+        let got = otlp.get(&(name.clone(), labels.clone()));
+        assert_eq!(
+            got,
+            Some(value),
+            "{name}{labels:?}: /metrics {value}, OTLP {got:?}"
+        );
+        compared += 1;
+    }
+    assert!(compared > 100, "compared {compared} series");
+    for name in [
+        "process.cpu.time",
+        "process.memory.usage",
+        "process.memory.virtual",
+        "process.unix.file_descriptor.count",
+        "process.thread.count",
+        "process.uptime",
+    ] {
+        assert!(
+            metrics.iter().any(|(_, m)| m.name == name),
+            "{name} over OTLP"
+        );
+    }
+    let echo_rx = &(
+        "websocket_server_messages_total".to_string(),
+        BTreeMap::from([
+            ("http_route".to_string(), "/ws/echo".to_string()),
+            ("network_io_direction".to_string(), "receive".to_string()),
+            ("websocket_message_type".to_string(), "text".to_string()),
+        ]),
+    );
+    assert_eq!(otlp.get(echo_rx), Some(&7.0));
+
+    // Spans.
+    let spans = receiver.spans();
+    let upgrade = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.kind == SpanKind::Server as i32)
+        .expect("an upgrade span");
+    assert_eq!(upgrade.name, "GET /ws/echo");
+    assert_eq!(hex(&upgrade.trace_id), CLIENT_TRACE, "the client's trace");
+    assert_eq!(
+        hex(&upgrade.parent_span_id),
+        CLIENT_SPAN,
+        "the client's span is the parent"
+    );
+    let a = |k: &str| attr(&upgrade.attributes, k);
+    assert_eq!(a("http.request.method").as_deref(), Some("GET"));
+    assert_eq!(a("http.route").as_deref(), Some("/ws/echo"));
+    assert_eq!(a("url.scheme").as_deref(), Some("http"));
+    assert_eq!(a("http.response.status_code").as_deref(), Some("101"));
+    assert_eq!(a("client.address").as_deref(), Some("127.0.0.1"));
+    assert_eq!(a("user_agent.original").as_deref(), Some("otlp-test/1.0"));
+
+    let conn = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "websocket.connection")
+        .expect("a connection span");
+    assert_eq!(
+        conn.parent_span_id, upgrade.span_id,
+        "child of the upgrade span"
+    );
+    assert_eq!(conn.trace_id, upgrade.trace_id);
+    let c = |k: &str| attr(&conn.attributes, k);
+    assert_eq!(c("websocket.close.code").as_deref(), Some("1000"));
+    assert_eq!(c("websocket.close.reason").as_deref(), Some("normal"));
+    assert_eq!(c("websocket.messages.received").as_deref(), Some("7"));
+    assert_eq!(c("websocket.messages.sent").as_deref(), Some("7"));
+    assert_eq!(c("websocket.bytes.received").as_deref(), Some("350"));
+    assert_eq!(c("websocket.bytes.sent").as_deref(), Some("350"));
+
+    let messages: Vec<_> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "websocket.message")
+        .collect();
+    assert_eq!(messages.len(), 7, "ratio 1.0: one span per message");
+    for m in &messages {
+        assert!(m.parent_span_id.is_empty(), "message spans are roots");
+        assert_ne!(m.trace_id, conn.trace_id, "each in a trace of its own");
+        assert_eq!(m.links.len(), 1);
+        assert_eq!(
+            m.links[0].span_id, conn.span_id,
+            "linked to the connection span"
+        );
+        assert_eq!(m.links[0].trace_id, conn.trace_id);
+        assert_eq!(
+            attr(&m.attributes, "websocket.operation").as_deref(),
+            Some("echo")
+        );
+        assert_eq!(
+            attr(&m.attributes, "websocket.message.size").as_deref(),
+            Some("50")
+        );
+    }
+
+    // Logs: the closing record carries the connection span's ids.
+    let logs = receiver.log_records();
+    let closed = logs
+        .iter()
+        .map(|(_, l)| l)
+        .find(|l| l.body.as_ref().map(any_text).as_deref() == Some("connection closed"))
+        .expect("a connection closed log record");
+    assert_eq!(closed.trace_id, conn.trace_id);
+    assert_eq!(closed.span_id, conn.span_id);
+    assert_eq!(
+        attr(&closed.attributes, "websocket.close.reason").as_deref(),
+        Some("normal")
+    );
+    assert_eq!(
+        attr(&closed.attributes, "messages_in").as_deref(),
+        Some("7")
+    );
+    let bodies: Vec<String> = logs
+        .iter()
+        .filter_map(|(_, l)| l.body.as_ref().map(any_text))
+        .collect();
+    assert!(bodies.iter().any(|b| b == "wsotel started"), "{bodies:?}");
+    assert!(
+        bodies.iter().any(|b| b == "all connections drained"),
+        "shutdown logs flushed: {bodies:?}"
+    );
+    assert!(
+        logs.iter().all(|(_, l)| !attr(&l.attributes, "target")
+            .unwrap_or_default()
+            .starts_with("h2")),
+        "exporter crates stay out of the exported logs"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_works_and_ratio_zero_makes_no_message_spans() {
+    let receiver = Receiver::default();
+    let (l, addr) = listener().await;
+    let _rx = receiver.serve_http(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
+    );
+    echo_session(server.ws, 5).await;
+    idle(server.admin, 1.0).await;
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().any(|(_, s)| s.name == "GET /ws/echo"),
+        "the sampled parent keeps the upgrade span"
+    );
+    assert!(spans.iter().any(|(_, s)| s.name == "websocket.connection"));
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|(_, s)| s.name == "websocket.message")
+            .count(),
+        0,
+        "ratio 0: none"
+    );
+    let metrics = receiver.last_metrics("wsotel");
+    let sent: f64 = metrics
+        .iter()
+        .flat_map(|(_, m)| as_prometheus(m))
+        .filter(|(n, l, _)| {
+            n == "websocket_server_messages_total"
+                && l.get("network_io_direction").map(String::as_str) == Some("transmit")
+                && l.get("websocket_message_type").map(String::as_str) == Some("text")
+        })
+        .map(|(_, _, v)| v)
+        .sum();
+    assert_eq!(sent, 5.0);
+    assert!(
+        receiver
+            .log_records()
+            .iter()
+            .any(|(_, l)| l.body.as_ref().map(any_text).as_deref() == Some("connection closed"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_down_at_start_then_up_export_resumes() {
+    // Reserve a port, then free it so nothing listens there at first.
+    let (l, addr) = listener().await;
+    drop(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+        ],
+    );
+    // Serving is unaffected while the collector is away.
+    echo_session(server.ws, 20).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    echo_session(server.ws, 3).await;
+
+    let receiver = Receiver::default();
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let _rx = receiver.serve_grpc(l);
+    let total = |r: &Receiver| -> f64 {
+        r.last_metrics("wsotel")
+            .iter()
+            .flat_map(|(_, m)| as_prometheus(m))
+            .filter(|(n, l, _)| {
+                n == "websocket_server_messages_total"
+                    && l.get("network_io_direction").map(String::as_str) == Some("receive")
+                    && l.get("websocket_message_type").map(String::as_str) == Some("text")
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    // Cumulative counts survive the outage: the first exports after it carry all 23.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while total(&receiver) != 23.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not resume: {}",
+            total(&receiver)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "no crash");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absent_collector_errors_are_rate_limited() {
+    let (l, addr) = listener().await;
+    drop(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "100"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "200"),
+        ],
+    );
+    for _ in 0..5 {
+        echo_session(server.ws, 10).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    server.sigterm();
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    let sdk_lines: Vec<_> = lines
+        .iter()
+        .filter(|l| (l.contains("WARN") || l.contains("ERROR")) && l.contains("opentelemetry"))
+        .collect();
+    assert!(!sdk_lines.is_empty(), "the failure is reported: {lines:#?}");
+    assert!(
+        sdk_lines.len() <= 2,
+        "at most about once a minute, got {}: {sdk_lines:#?}",
+        sdk_lines.len()
+    );
+}
