@@ -31,6 +31,9 @@ use crate::config::Config;
 use crate::handshake::{self, WsState};
 use crate::telemetry::{RejectReason, Telemetry};
 
+/// Largest request head accepted (431 beyond).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -118,6 +121,9 @@ async fn accept_loop(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
+        // An upgrade request is a few hundred bytes; refuse header floods early (431).
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_headers(64)
         .max_buf_size(64 * 1024);
     let builder = Arc::new(builder);
     let mut last_fd_warning: Option<Instant> = None;
