@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{FutureExt, SinkExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -243,19 +244,57 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     let sleep = tokio::time::sleep_until(heartbeat.deadline().into());
     tokio::pin!(sleep);
 
+    let mut batch = Batching::default();
     let ending = loop {
-        tokio::select! {
-            biased;
-            _ = link.stop.cancelled() => {
+        // Replies fed while more input was ready are flushed once none is: with many messages
+        // in flight that is one write for many replies; with one, no extra read per message.
+        let ready = if batch.unflushed {
+            match link.socket.recv().now_or_never() {
+                Some(item) => {
+                    batch.hit();
+                    Some(item)
+                }
+                None => {
+                    batch.miss();
+                    if let Err(e) = link.flush().await {
+                        break e;
+                    }
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let event = match ready {
+            Some(item) => Event::Incoming(item),
+            None => tokio::select! {
+                biased;
+                _ = link.stop.cancelled() => Event::Stop,
+                item = link.socket.recv() => Event::Incoming(item),
+                Some(out) = recv_queued(&mut rx) => Event::Queued(out),
+                _ = &mut sleep => Event::Heartbeat,
+            },
+        };
+        match event {
+            Event::Stop => {
                 break if shutdown.is_cancelled() {
-                    Ending::server(CloseReason::ServerShutdown, close_code::GOING_AWAY, "server shutting down")
+                    Ending::server(
+                        CloseReason::ServerShutdown,
+                        close_code::GOING_AWAY,
+                        "server shutting down",
+                    )
                 } else {
-                    link.events.error(link.route.route(), ErrorType::SlowConsumer);
+                    link.events
+                        .error(link.route.route(), ErrorType::SlowConsumer);
                     tracing::warn!(connection.id = id as i64, "slow consumer disconnected");
-                    Ending::server(CloseReason::SlowConsumer, close_code::POLICY_VIOLATION, "slow consumer")
+                    Ending::server(
+                        CloseReason::SlowConsumer,
+                        close_code::POLICY_VIOLATION,
+                        "slow consumer",
+                    )
                 };
             }
-            incoming = link.socket.recv() => {
+            Event::Incoming(incoming) => {
                 let msg = match incoming {
                     Some(Ok(msg)) => msg,
                     Some(Err(err)) => break link.classify(err),
@@ -269,13 +308,21 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                     Message::Text(_) | Message::Binary(_) => {
                         let traced = message_spans.as_ref().filter(|m| m.sample());
                         let (kind, size) = kind_and_len(&msg);
+                        let feed = membership.is_none() && batch.feeding();
                         let (handled, handling) = match &membership {
+                            None if feed => (link.feed_data(msg).await, Handling::Echo),
                             None => (link.send_data(msg).await, Handling::Echo),
                             Some(m) => {
                                 let d = m.broadcast(&msg);
-                                (Ok(()), Handling::Broadcast { recipients: d.queued })
+                                (
+                                    Ok(()),
+                                    Handling::Broadcast {
+                                        recipients: d.queued,
+                                    },
+                                )
                             }
                         };
+                        batch.unflushed |= feed;
                         link.route.message_handled(received_at);
                         if let (Some(spans), Some(conn)) = (traced, connection_context.as_ref()) {
                             let start = SystemTime::now() - received_at.elapsed();
@@ -292,23 +339,38 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                         }
                     }
                     Message::Close(frame) => {
-                        // tungstenite has queued the reply; the next read flushes it and ends
-                        // the stream.
-                        link.route.message(Direction::Transmit, MessageType::Close, 0);
+                        // tungstenite has queued the reply; the next read flushes it (and any
+                        // fed replies before it) and ends the stream.
+                        link.route
+                            .message(Direction::Transmit, MessageType::Close, 0);
                         let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, link.socket.recv()).await;
                         break Ending::client_close(frame.as_ref().map(|f| f.code));
                     }
                     Message::Ping(_) => {}
                 }
             }
-            Some(out) = recv_queued(&mut rx) => {
-                if let Err(e) = link.send_data(out).await {
+            Event::Queued(out) => {
+                // Feed everything already queued for this member, then write it at once.
+                let mut next = Some(out);
+                let mut failed = None;
+                while let Some(msg) = next {
+                    if let Err(e) = link.feed_data(msg).await {
+                        failed = Some(e);
+                        break;
+                    }
+                    next = rx.as_mut().and_then(|rx| rx.try_recv().ok());
+                }
+                if let Some(e) = failed {
+                    break e;
+                }
+                if let Err(e) = link.flush().await {
                     break e;
                 }
             }
-            _ = &mut sleep => {
+            Event::Heartbeat => {
                 if heartbeat.outstanding.is_some() {
-                    link.events.error(link.route.route(), ErrorType::HeartbeatTimeout);
+                    link.events
+                        .error(link.route.route(), ErrorType::HeartbeatTimeout);
                     tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong");
                     // The peer is presumed dead: no Close handshake to wait for.
                     break Ending::client(CloseReason::HeartbeatTimeout);
@@ -319,7 +381,10 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                 sleep.as_mut().reset(heartbeat.deadline().into());
                 let ping = Message::Ping(payload.to_vec().into());
                 match with_stop(&link.stop, link.socket.send(ping)).await {
-                    Some(Ok(())) => link.route.message(Direction::Transmit, MessageType::Ping, payload.len()),
+                    Some(Ok(())) => {
+                        link.route
+                            .message(Direction::Transmit, MessageType::Ping, payload.len())
+                    }
                     Some(Err(err)) => break link.classify(err),
                     None => continue,
                 }
@@ -372,6 +437,67 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     );
 }
 
+/// What woke the connection loop.
+enum Event {
+    /// Server shutdown, or kicked as a slow consumer.
+    Stop,
+    /// A message (or the end of the stream, or an error) from the client.
+    Incoming(Option<Result<Message, axum::Error>>),
+    /// A room message queued for this member.
+    Queued(Message),
+    /// Time to ping, or the pong is overdue.
+    Heartbeat,
+}
+
+/// Adaptive write batching for echoes. Feeding a reply and flushing only when no more input is
+/// ready saves a write per message when clients pipeline, but costs an extra (empty) read per
+/// message when they do not; so echoes are fed only while recent probes found more input
+/// waiting, and one echo in [`Batching::PROBE_EVERY`] probes again.
+#[derive(Debug, Default)]
+struct Batching {
+    /// Replies were fed and not yet flushed.
+    unflushed: bool,
+    /// Feeding mode is on.
+    on: bool,
+    /// Consecutive probes that found nothing waiting.
+    misses: u8,
+    /// Echoes since the last probe, in direct mode.
+    since_probe: u8,
+}
+
+impl Batching {
+    /// How often direct mode probes for pipelining.
+    const PROBE_EVERY: u8 = 32;
+    /// Consecutive empty probes that turn feeding off.
+    const MAX_MISSES: u8 = 4;
+
+    /// Whether this echo is fed (and the loop then probes for more input) or sent directly.
+    fn feeding(&mut self) -> bool {
+        if self.on {
+            return true;
+        }
+        self.since_probe += 1;
+        if self.since_probe >= Self::PROBE_EVERY {
+            self.since_probe = 0;
+            return true;
+        }
+        false
+    }
+
+    fn hit(&mut self) {
+        self.on = true;
+        self.misses = 0;
+    }
+
+    fn miss(&mut self) {
+        self.unflushed = false;
+        self.misses = self.misses.saturating_add(1);
+        if self.misses >= Self::MAX_MISSES {
+            self.on = false;
+        }
+    }
+}
+
 /// The socket with what counts its traffic.
 struct Link<'a> {
     socket: WebSocket,
@@ -405,7 +531,26 @@ impl Link<'_> {
     /// as dropped) and the loop's stop branch decides the reason on its next turn.
     async fn send_data(&mut self, msg: Message) -> Result<(), Ending> {
         let (kind, len) = kind_and_len(&msg);
-        match with_stop(&self.stop, self.socket.send(msg)).await {
+        let sent = with_stop(&self.stop, self.socket.send(msg)).await;
+        self.sent(sent, kind, len)
+    }
+
+    /// Like `send_data`, but leaves the frame in the socket's write buffer for a later
+    /// [`Link::flush`] (tungstenite still writes once the buffer passes its size). Counted as
+    /// transmitted when handed to the writer.
+    async fn feed_data(&mut self, msg: Message) -> Result<(), Ending> {
+        let (kind, len) = kind_and_len(&msg);
+        let fed = with_stop(&self.stop, self.socket.feed(msg)).await;
+        self.sent(fed, kind, len)
+    }
+
+    fn sent(
+        &mut self,
+        result: Option<Result<(), axum::Error>>,
+        kind: MessageType,
+        len: usize,
+    ) -> Result<(), Ending> {
+        match result {
             Some(Ok(())) => {
                 self.route.message(Direction::Transmit, kind, len);
                 self.totals.messages_out += 1;
@@ -418,6 +563,14 @@ impl Link<'_> {
                     .dropped(self.route.route(), DropReason::ConnectionClosed, 1);
                 Ok(())
             }
+        }
+    }
+
+    /// Writes out whatever was fed.
+    async fn flush(&mut self) -> Result<(), Ending> {
+        match with_stop(&self.stop, self.socket.flush()).await {
+            Some(Err(err)) => Err(self.classify(err)),
+            Some(Ok(())) | None => Ok(()),
         }
     }
 

@@ -696,3 +696,54 @@ async fn admin_endpoints() {
     );
     assert!(m.has("target_info"));
 }
+
+#[tokio::test]
+async fn pipelined_echo_is_exact_and_in_order() {
+    // Many messages in flight exercise the batched-write path (feed, flush when no more input
+    // is ready); every reply must still come back, in order, and be counted once.
+    let server = TestServer::start().await;
+    let mut ws = connect(&server.url(ECHO)).await;
+    let (mut tx, mut rx) = ws.split();
+    let n = 2000;
+    let writer = tokio::spawn(async move {
+        for i in 0..n {
+            tx.feed(Message::text(format!("{i:08}"))).await.unwrap();
+            if i % 64 == 63 {
+                tx.flush().await.unwrap();
+            }
+        }
+        tx.flush().await.unwrap();
+        tx
+    });
+    for i in 0..n {
+        let msg = tokio::time::timeout(Duration::from_secs(10), rx.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, Message::text(format!("{i:08}")));
+    }
+    let tx = writer.await.unwrap();
+    ws = tx.reunite(rx).unwrap();
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let m = server.idle().await;
+    assert_eq!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[ECHO_ROUTE, RX, mtype("text")]
+        ),
+        n as f64
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[ECHO_ROUTE, TX, mtype("text")]
+        ),
+        n as f64
+    );
+    assert_eq!(
+        m.sum("websocket_server_io_bytes_total", &[ECHO_ROUTE, TX]),
+        8.0 * n as f64
+    );
+}
