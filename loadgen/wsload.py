@@ -23,6 +23,7 @@ import base64
 import hashlib
 import os
 import random
+import select
 import signal
 import socket
 import struct
@@ -175,6 +176,22 @@ class WsClient:
             if fin:
                 return first_op, b"".join(parts)
 
+    def poll(self):
+        """Handles whatever has already arrived without blocking: answers pings, discards data
+        (for clients that only send, like a room speaker). Raises Closed on Close/EOF."""
+        while self._buf or select.select([self.sock], [], [], 0)[0]:
+            if not self._buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise Closed("EOF")
+                self._buf += chunk
+            fin, op, data = self.recv_frame()
+            if op == OP_PING and self.auto_pong:
+                self.send_frame(OP_PONG, data)
+            elif op == OP_CLOSE:
+                self.sock.close()
+                raise Closed("close", struct.unpack("!H", data[:2])[0] if len(data) >= 2 else 1005)
+
     def close(self, code=1000, timeout=5.0):
         """Closing handshake: send Close, wait for the server's Close, close the socket."""
         try:
@@ -253,6 +270,7 @@ def room_session(host, port, stop, room, members, messages, interval, timeout=10
         if stop.is_set():
             break
         clients[0].send_text(f"room {room} message {i}")
+        clients[0].poll()  # the speaker reads nothing but pings: answer them
         if interval:
             stop.wait(interval)
     for t in readers:
