@@ -1,0 +1,292 @@
+//! `rooms`: R rooms of M members; the first P members of each room publish at a set rate and
+//! every member checks each message it receives: intact, from its own room, never its own,
+//! and in order per publisher (a gap is a lost message). Reports deliveries per second, the
+//! share of expected deliveries that arrived, and publish-to-delivery latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::RoomsArgs;
+use crate::conn::{Connector, Ws, close_gracefully, connect_many};
+use crate::hist::Latency;
+use crate::payload;
+use crate::report::{Report, thousands};
+use crate::run::{Failures, Harness, Pacer, Window};
+
+/// Publish rate over all publishers when `--rate` is not given.
+const DEFAULT_RATE: f64 = 1000.0;
+/// How long members keep reading after the publishers stop.
+const DRAIN: Duration = Duration::from_secs(1);
+/// Pause between the last join and the first publication, so every member is in its room.
+const SETTLE: Duration = Duration::from_millis(300);
+
+#[derive(Default)]
+struct MemberStats {
+    published: u64,
+    published_in_window: u64,
+    delivered: u64,
+    delivered_in_window: u64,
+    gaps: u64,
+    latency: Latency,
+}
+
+/// The URL of room `name`: `{room}` in `url` replaced, or `/<name>` appended.
+pub fn room_url(url: &str, name: &str) -> String {
+    if url.contains("{room}") {
+        url.replace("{room}", name)
+    } else {
+        format!("{}/{name}", url.trim_end_matches('/'))
+    }
+}
+
+pub async fn run(args: RoomsArgs) -> Result<Report, String> {
+    let common = &args.common;
+    let publishers = args.publishers.min(args.members);
+    let run_tag = std::process::id();
+    let mut urls = Vec::new();
+    for room in 0..args.rooms {
+        let name = format!("{}-{run_tag}-{room}", args.room_prefix);
+        for _ in 0..args.members {
+            urls.push(room_url(&common.url, &name));
+        }
+    }
+    let connector =
+        Connector::new(&urls[0], common.source_ips.unwrap_or(0), common.timeout).await?;
+    let failures = Arc::new(Failures::default());
+    let conns = connect_many(&connector, urls, 256, &failures).await?;
+    tokio::time::sleep(SETTLE).await;
+    let harness = Harness::start(common, "deliveries")?;
+    let window = harness.window;
+    let total_rate = common.rate.unwrap_or(DEFAULT_RATE);
+    let npub = (args.rooms * publishers) as f64;
+    let mut tasks = Vec::new();
+    for (i, ws) in conns.into_iter().enumerate() {
+        let room = i as u32 / args.members;
+        let member = i as u32 % args.members;
+        let phase = (room * publishers + member) as f64 / npub;
+        let ctx = MemberCtx {
+            room,
+            member,
+            publisher: member < publishers,
+            publishers,
+            size: args.size as usize,
+            window,
+            timeout: common.timeout,
+            failures: failures.clone(),
+            counter: harness.counter.clone(),
+        };
+        let pacer = Pacer::new(Some(total_rate / npub), window.start, phase);
+        tasks.push(tokio::spawn(member_loop(ws, ctx, pacer)));
+    }
+    let mut total = MemberStats::default();
+    for t in tasks {
+        match t.await {
+            Ok(s) => {
+                total.published += s.published;
+                total.published_in_window += s.published_in_window;
+                total.delivered += s.delivered;
+                total.delivered_in_window += s.delivered_in_window;
+                total.gaps += s.gaps;
+                total.latency.merge(&s.latency);
+            }
+            Err(e) => failures.fail(format!("member task failed: {e}")),
+        }
+    }
+    let (edges, scrapes) = harness.finish().await;
+    let expected = total.published * (args.members as u64 - 1);
+    let ratio = if expected > 0 {
+        total.delivered as f64 / expected as f64
+    } else {
+        0.0
+    };
+    let secs = window.measured().as_secs_f64();
+    let mut r = Report::new("rooms");
+    r.set("rooms", args.rooms);
+    r.set("members", args.members);
+    r.set("publishers", publishers);
+    r.set("size", args.size);
+    r.set("publish_rate", total_rate);
+    r.set("published", total.published_in_window);
+    r.set("published_per_s", total.published_in_window as f64 / secs);
+    r.set("published_total", total.published);
+    r.set("delivered_total", total.delivered);
+    r.set("expected_total", expected);
+    r.set("delivery_ratio", (ratio * 1e6).round() / 1e6);
+    r.set("lost_in_sequence", total.gaps);
+    r.set("latency_us", total.latency.to_json());
+    r.line(format!(
+        "rooms          {} rooms x {} members, {} publisher(s) each, {} B, {} publishes/s in all",
+        args.rooms, args.members, publishers, args.size, total_rate
+    ));
+    r.line(format!(
+        "delivered      {} msgs/s ({:.4}% of {} expected over the run; {} gaps in sequence)",
+        thousands(total.delivered_in_window as f64 / secs),
+        ratio * 100.0,
+        thousands(expected as f64),
+        total.gaps
+    ));
+    r.line(format!(
+        "latency        {} (publish to delivery)",
+        total.latency.summary()
+    ));
+    r.common(
+        common,
+        &window,
+        &edges,
+        scrapes,
+        total.delivered_in_window,
+        "deliveries",
+    );
+    if total.delivered == 0 && failures.count() == 0 {
+        r.error("no publication was delivered");
+    }
+    r.failures(&failures);
+    Ok(r)
+}
+
+struct MemberCtx {
+    room: u32,
+    member: u32,
+    publisher: bool,
+    publishers: u32,
+    size: usize,
+    window: Window,
+    timeout: Duration,
+    failures: Arc<Failures>,
+    counter: Arc<AtomicU64>,
+}
+
+async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStats {
+    let mut stats = MemberStats::default();
+    let mut last: Vec<Option<u64>> = vec![None; ctx.publishers as usize];
+    let mut seq = 0u64;
+    let measure_start_ns = ctx.window.measure_start_ns();
+    let drain_until = ctx.window.end + DRAIN;
+    let fail = |msg: String| {
+        ctx.failures
+            .fail(format!("room {} member {}: {msg}", ctx.room, ctx.member))
+    };
+    loop {
+        let now = Instant::now();
+        if ctx.failures.stopped() || now >= drain_until {
+            break;
+        }
+        let publishing = ctx.publisher && now < ctx.window.end;
+        let wake = if publishing {
+            pacer.next_at().unwrap_or(now).min(ctx.window.end)
+        } else {
+            drain_until
+        };
+        let got = tokio::select! {
+            biased;
+            r = ws.next() => r,
+            _ = tokio::time::sleep_until(wake.into()) => {
+                let now = Instant::now();
+                if publishing && pacer.ready(now) && now < ctx.window.end {
+                    pacer.take();
+                    let msg = payload::room_message(ctx.size, ctx.room, ctx.member, seq, payload::ns_at(now));
+                    seq += 1;
+                    if let Err(e) = ws.send(Message::Binary(msg)).await {
+                        fail(format!("publish failed: {e}"));
+                        break;
+                    }
+                    stats.published += 1;
+                    if ctx.window.contains(now) {
+                        stats.published_in_window += 1;
+                    }
+                }
+                continue;
+            }
+            _ = ctx.failures.wait_stopped() => break,
+        };
+        match got {
+            Some(Ok(Message::Binary(b))) => {
+                let m = match payload::check_room_message(&b, ctx.room) {
+                    Ok(m) => m,
+                    Err(why) => {
+                        fail(why);
+                        break;
+                    }
+                };
+                if m.publisher == ctx.member {
+                    fail("its own publication came back (rooms send to the other members)".into());
+                    break;
+                }
+                let Some(slot) = last.get_mut(m.publisher as usize) else {
+                    fail(format!(
+                        "a publication from member {}, which does not publish",
+                        m.publisher
+                    ));
+                    break;
+                };
+                match *slot {
+                    Some(prev) if m.seq <= prev => {
+                        fail(format!(
+                            "publication {} of member {} arrived after {prev} (duplicate or reordered)",
+                            m.seq, m.publisher
+                        ));
+                        break;
+                    }
+                    Some(prev) => stats.gaps += m.seq - prev - 1,
+                    None => stats.gaps += m.seq,
+                }
+                *slot = Some(m.seq);
+                let now = Instant::now();
+                stats.delivered += 1;
+                if ctx.window.contains(now) {
+                    stats.delivered_in_window += 1;
+                    if m.ts_ns >= measure_start_ns {
+                        stats
+                            .latency
+                            .record_ns(payload::now_ns().saturating_sub(m.ts_ns));
+                    }
+                }
+                ctx.counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Text(_))) => {
+                fail("a text message arrived".into());
+                break;
+            }
+            Some(Ok(Message::Close(frame))) => {
+                fail(format!(
+                    "the server closed the connection ({})",
+                    frame
+                        .map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                        .unwrap_or_else(|| "no code".into())
+                ));
+                break;
+            }
+            Some(Err(e)) => {
+                fail(format!("read failed: {e}"));
+                break;
+            }
+            None => {
+                fail("the connection ended".into());
+                break;
+            }
+        }
+    }
+    if !ctx.failures.stopped() {
+        if let Err(e) = close_gracefully(&mut ws, ctx.timeout).await {
+            fail(e);
+        }
+    }
+    stats
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_urls() {
+        assert_eq!(room_url("ws://h:1/ws/rooms", "a"), "ws://h:1/ws/rooms/a");
+        assert_eq!(room_url("ws://h:1/ws/rooms/", "a"), "ws://h:1/ws/rooms/a");
+        assert_eq!(room_url("ws://h:1/r/{room}/x", "a"), "ws://h:1/r/a/x");
+    }
+}
