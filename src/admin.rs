@@ -23,15 +23,17 @@ struct AdminState {
 /// The admin router. `draining` turns `/readyz` to 503 once cancelled.
 pub fn router(telemetry: Arc<Telemetry>, draining: CancellationToken) -> Router {
     let events = telemetry.events().clone();
-    Router::new()
+    let router = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(AdminState {
             telemetry,
             draining,
-        })
-        .layer(middleware::from_fn_with_state(events, http_metrics::record))
+        });
+    #[cfg(feature = "pprof")]
+    let router = router.merge(crate::profiling::router());
+    router.layer(middleware::from_fn_with_state(events, http_metrics::record))
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {

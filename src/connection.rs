@@ -5,6 +5,7 @@
 //! message is counted on the route's bound instruments as it crosses the socket; the
 //! connection's own totals go on its span and its closing log line.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -58,7 +59,7 @@ pub struct ConnectionContext {
     /// The connection's span, made in the upgrade request's span so it is its child.
     pub span: tracing::Span,
     /// Message-level spans, when traces are exported.
-    pub message_spans: Option<MessageSpans>,
+    pub message_spans: Option<Arc<MessageSpans>>,
 }
 
 /// Echo or room member.
@@ -180,10 +181,16 @@ impl Heartbeat {
     }
 }
 
-/// The connection's span; create it inside the upgrade request's span so it becomes its child.
-/// The close code, reason and totals are recorded on it when the connection ends.
+/// The connection's span, a child of the upgrade request's span in the trace. The close code,
+/// reason and totals are recorded on it when the connection ends.
+///
+/// It is a root in `tracing`'s own tree and gets its OpenTelemetry parent explicitly: a
+/// `tracing` parent would keep the upgrade span's data alive for the connection's whole life
+/// (some 700 bytes per idle connection), while the OpenTelemetry parent is only ids.
 pub fn connection_span(id: u64, route: Route, room: Option<&str>) -> tracing::Span {
-    tracing::info_span!(
+    let upgrade = tracing::Span::current().context();
+    let span = tracing::info_span!(
+        parent: None,
         "websocket.connection",
         connection.id = id as i64,
         http.route = route.as_str(),
@@ -194,13 +201,22 @@ pub fn connection_span(id: u64, route: Route, room: Option<&str>) -> tracing::Sp
         websocket.messages.sent = tracing::field::Empty,
         websocket.bytes.received = tracing::field::Empty,
         websocket.bytes.sent = tracing::field::Empty,
-    )
+    );
+    // Fails harmlessly when traces are not exported (no OpenTelemetry layer).
+    let _ = span.set_parent(upgrade);
+    span
 }
 
 /// Serves one upgraded connection until it closes.
-pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
+///
+/// Not an `async fn`: wrapping would keep the arguments alongside the inner future for the
+/// connection's whole life, and every byte here is multiplied by the number of connections.
+pub fn serve(
+    socket: WebSocket,
+    ctx: ConnectionContext,
+) -> tracing::instrument::Instrumented<impl std::future::Future<Output = ()>> {
     let span = ctx.span.clone();
-    run_connection(socket, ctx).instrument(span).await
+    run_connection(socket, ctx).instrument(span)
 }
 
 async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
@@ -228,7 +244,12 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
         events: &events,
         route: guard.instruments(),
         totals: Totals::default(),
-        stop: shutdown.child_token(),
+        // Room members get a token of their own, so the room can kick them as slow
+        // consumers; echo connections share the server's (no allocation per connection).
+        stop: match kind {
+            ConnectionKind::Echo => shutdown.clone(),
+            ConnectionKind::Room { .. } => shutdown.child_token(),
+        },
     };
 
     let (membership, mut rx) = match kind {
@@ -343,7 +364,13 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                         // fed replies before it) and ends the stream.
                         link.route
                             .message(Direction::Transmit, MessageType::Close, 0);
-                        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, link.socket.recv()).await;
+                        // Boxed, like every rare await here: the connection future's size is
+                        // its largest await's, paid by every idle connection.
+                        let _ = Box::pin(tokio::time::timeout(
+                            CLOSE_REPLY_TIMEOUT,
+                            link.socket.recv(),
+                        ))
+                        .await;
                         break Ending::client_close(frame.as_ref().map(|f| f.code));
                     }
                     Message::Ping(_) => {}
@@ -380,7 +407,7 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
                 heartbeat.outstanding = Some((heartbeat.seq, Instant::now()));
                 sleep.as_mut().reset(heartbeat.deadline().into());
                 let ping = Message::Ping(payload.to_vec().into());
-                match with_stop(&link.stop, link.socket.send(ping)).await {
+                match Box::pin(with_stop(&link.stop, link.socket.send(ping))).await {
                     Some(Ok(())) => {
                         link.route
                             .message(Direction::Transmit, MessageType::Ping, payload.len())
@@ -393,7 +420,7 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     };
 
     if let Some((code, text)) = ending.close {
-        link.close(code, text).await;
+        Box::pin(link.close(code, text)).await;
     }
 
     // Leave the room first, so nothing new is queued, then count what never went out.

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -29,7 +29,7 @@ use crate::telemetry::{ErrorType, Events, MessageSpans, RejectReason, Route};
 
 /// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
 /// zero-filled before every read) dominated both idle memory and echo CPU (../shared/FACTS.md).
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 /// Written frames are collected up to this size before a write is forced.
 const WRITE_BUFFER: usize = 8 * 1024;
 
@@ -50,7 +50,7 @@ struct WsInner {
     shutdown: CancellationToken,
     next_id: AtomicU64,
     allowed_origins: Vec<String>,
-    message_spans: Option<MessageSpans>,
+    message_spans: Option<Arc<MessageSpans>>,
 }
 
 impl WsState {
@@ -61,6 +61,7 @@ impl WsState {
         message_spans: Option<MessageSpans>,
         shutdown: CancellationToken,
     ) -> Self {
+        let message_spans = message_spans.map(Arc::new);
         let allowed_origins = config
             .allowed_origins
             .iter()
@@ -209,10 +210,18 @@ fn upgrade(
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     // Made here, inside the upgrade span, so the connection span is its child.
     let span = connection::connection_span(id, route, kind.room());
-    let message_spans = s.message_spans.clone();
-    let shutdown = s.shutdown.clone();
-    let events = events.clone();
-    let (ping_interval, pong_timeout) = (config.ping_interval, config.pong_timeout);
+    let pending = Box::new(Pending {
+        id,
+        route,
+        events: events.clone(),
+        shutdown: s.shutdown.clone(),
+        ping_interval: config.ping_interval,
+        pong_timeout: config.pong_timeout,
+        kind,
+        span,
+        message_spans: s.message_spans.clone(),
+        permit,
+    });
     let max = config.max_message_size;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -220,30 +229,64 @@ fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(|err| tracing::debug!(error = %err, "upgrade failed after 101"))
-        .on_upgrade(move |socket| {
-            let ctx = ConnectionContext {
-                id,
-                guard: events.connection_opened(route),
-                shutdown,
-                ping_interval,
-                pong_timeout,
-                kind,
-                span,
-                message_spans,
-            };
-            async move {
-                // A panic in one connection must not go unnoticed nor leak its slot: the
-                // guard inside `ctx` records the lifetime as `internal_error` as it unwinds.
-                let outcome = AssertUnwindSafe(connection::serve(socket, ctx))
-                    .catch_unwind()
-                    .await;
+        .on_upgrade(move |socket| pending.start(socket))
+}
+
+/// Everything a connection needs once upgraded, in one allocation: axum keeps the upgrade
+/// callback alive as long as the connection, so it captures one pointer, not these fields.
+struct Pending {
+    id: u64,
+    route: Route,
+    events: Events,
+    shutdown: CancellationToken,
+    ping_interval: std::time::Duration,
+    pong_timeout: std::time::Duration,
+    kind: ConnectionKind,
+    span: tracing::Span,
+    message_spans: Option<Arc<MessageSpans>>,
+    /// The connection's slot, released when its task ends.
+    permit: OwnedSemaphorePermit,
+}
+
+impl Pending {
+    /// The connection's task. A panic in one connection must not go unnoticed nor leak its
+    /// slot: the guard inside the context records the lifetime as `internal_error` as it
+    /// unwinds, and the panic is counted here. Built from combinators, not an `async` block,
+    /// so the connection future is stored once.
+    #[allow(clippy::boxed_local)] // the box is what keeps axum's upgrade callback small
+    fn start(self: Box<Self>, socket: WebSocket) -> impl std::future::Future<Output = ()> {
+        let Pending {
+            id,
+            route,
+            events,
+            shutdown,
+            ping_interval,
+            pong_timeout,
+            kind,
+            span,
+            message_spans,
+            permit,
+        } = *self;
+        let ctx = ConnectionContext {
+            id,
+            guard: events.connection_opened(route),
+            shutdown,
+            ping_interval,
+            pong_timeout,
+            kind,
+            span,
+            message_spans,
+        };
+        AssertUnwindSafe(connection::serve(socket, ctx))
+            .catch_unwind()
+            .map(move |outcome| {
                 if outcome.is_err() {
                     events.error(route, ErrorType::Panic);
                     tracing::error!(connection.id = id as i64, "connection task panicked");
                 }
                 drop(permit);
-            }
-        })
+            })
+    }
 }
 
 /// Longest `User-Agent` kept on a span: the header is client input.

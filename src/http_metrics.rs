@@ -12,12 +12,14 @@ use crate::telemetry::Events;
 
 /// Route templates the server knows; anything else is recorded without `http.route`, so a
 /// scanner probing random paths cannot add series.
-const KNOWN_ROUTES: [&str; 5] = [
+const KNOWN_ROUTES: [&str; 7] = [
     "/ws/echo",
     "/ws/rooms/{room}",
     "/metrics",
     "/healthz",
     "/readyz",
+    "/debug/pprof/profile",
+    "/debug/pprof/flamegraph",
 ];
 
 /// Middleware recording one request; install with

@@ -11,6 +11,8 @@ pub mod connection;
 pub mod handshake;
 pub mod http_metrics;
 pub mod limits;
+#[cfg(feature = "pprof")]
+pub mod profiling;
 pub mod rooms;
 pub mod server;
 pub mod telemetry;
