@@ -12,7 +12,6 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{FutureExt, SinkExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::rooms::Rooms;
 use crate::telemetry::traces::Handling;
@@ -209,14 +208,15 @@ pub fn connection_span(id: u64, route: Route, room: Option<&str>) -> tracing::Sp
 
 /// Serves one upgraded connection until it closes.
 ///
-/// Not an `async fn`: wrapping would keep the arguments alongside the inner future for the
-/// connection's whole life, and every byte here is multiplied by the number of connections.
-pub fn serve(
-    socket: WebSocket,
-    ctx: ConnectionContext,
-) -> tracing::instrument::Instrumented<impl std::future::Future<Output = ()>> {
-    let span = ctx.span.clone();
-    run_connection(socket, ctx).instrument(span)
+/// The connection span is *not* entered on every poll (`.instrument`): entering and leaving a
+/// span per wake-up costs a thread-local push, an OpenTelemetry context switch and a clock read,
+/// per message. It is entered only around what the connection logs, so its log records still
+/// carry its ids, and it lasts from the upgrade to the end of this future.
+///
+/// Not an `async fn` wrapper either: that would keep the arguments alongside the inner future
+/// for the connection's whole life, and every byte here is multiplied by the connections.
+pub fn serve(socket: WebSocket, ctx: ConnectionContext) -> impl std::future::Future<Output = ()> {
+    run_connection(socket, ctx)
 }
 
 async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
@@ -227,23 +227,20 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
         ping_interval,
         pong_timeout,
         kind,
-        span: _,
+        span,
         message_spans,
     } = ctx;
     // Message spans link to this connection's span (starting it if it has not started).
-    let connection_context = message_spans.as_ref().map(|_| {
-        tracing::Span::current()
-            .context()
-            .span()
-            .span_context()
-            .clone()
-    });
+    let connection_context = message_spans
+        .as_ref()
+        .map(|_| span.context().span().span_context().clone());
     let events = guard.events().clone();
     let mut link = Link {
         socket,
         events: &events,
         route: guard.instruments(),
         totals: Totals::default(),
+        span: &span,
         // Room members get a token of their own, so the room can kick them as slow
         // consumers; echo connections share the server's (no allocation per connection).
         stop: match kind {
@@ -259,7 +256,7 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
             (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
         }
     };
-    tracing::debug!(connection.id = id as i64, "connection opened");
+    span.in_scope(|| tracing::debug!(connection.id = id as i64, "connection opened"));
 
     let mut heartbeat = Heartbeat::new(ping_interval, pong_timeout);
     let sleep = tokio::time::sleep_until(heartbeat.deadline().into());
@@ -441,7 +438,7 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     drop(link);
 
     let reason = ending.reason;
-    let span = tracing::Span::current();
+    let _entered = span.enter();
     if let Some(code) = ending.code() {
         span.record("websocket.close.code", i64::from(code));
     }
@@ -531,6 +528,8 @@ struct Link<'a> {
     events: &'a Events,
     route: &'a RouteInstruments,
     totals: Totals,
+    /// The connection span, entered only to log.
+    span: &'a tracing::Span,
     /// Cancelled on server shutdown, or to kick a slow consumer.
     stop: CancellationToken,
 }
@@ -627,7 +626,8 @@ impl Link<'_> {
     }
 
     fn classify(&self, err: axum::Error) -> Ending {
-        classify_error(self.events, self.route, err)
+        self.span
+            .in_scope(|| classify_error(self.events, self.route, err))
     }
 }
 

@@ -448,3 +448,72 @@ async fn absent_collector_errors_are_rate_limited() {
         sdk_lines.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackholed_collector_drops_counted_serving_unaffected_exit_bounded() {
+    // A collector that accepts TCP and never answers: every export waits out its timeout.
+    let (l, addr) = listener().await;
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            sockets.push(s);
+        }
+    });
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "3000"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+        ],
+    );
+    // 6000 sampled messages while nothing drains the span queue (2048).
+    let mut ws = connect(&format!("ws://{}/ws/echo", server.ws)).await;
+    let started = std::time::Instant::now();
+    for i in 0..6000 {
+        ws.send(Message::text(format!("{i}"))).await.unwrap();
+        assert_eq!(next_data(&mut ws).await, Message::text(format!("{i}")));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "serving went on: 6000 echoes in {took:?}"
+    );
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let (_, body) = http_get(server.admin, "/metrics").await;
+    let m = Metrics::parse(&body);
+    let dropped = m.sum(
+        "otel_sdk_processor_span_processed_total",
+        &[("error_type", "queue_full")],
+    );
+    assert!(
+        dropped >= 6000.0 - 2048.0 - 600.0,
+        "dropped spans are counted: {dropped}\n{body}"
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[
+                ("network_io_direction", "transmit"),
+                ("websocket_message_type", "text")
+            ]
+        ),
+        6000.0
+    );
+
+    let stop = std::time::Instant::now();
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        stop.elapsed() < Duration::from_secs(14),
+        "shutdown is bounded: {:?}",
+        stop.elapsed()
+    );
+    held.abort();
+}

@@ -47,7 +47,11 @@ async fn profile_and_flamegraph_of_a_loaded_server() {
     );
     let (status, svg) = http_get(server.admin, "/debug/pprof/flamegraph?seconds=1").await;
     assert_eq!(status, 200);
-    assert!(svg.contains("<svg"), "an SVG flamegraph: {}", &svg[..svg.len().min(300)]);
+    assert!(
+        svg.contains("<svg"),
+        "an SVG flamegraph: {}",
+        &svg[..svg.len().min(300)]
+    );
     assert_eq!(
         http_get(server.admin, "/debug/pprof/profile?seconds=0")
             .await

@@ -50,6 +50,8 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
     let spans = telemetry.tracer_provider().map(|tp| {
         tracing_opentelemetry::layer()
             .with_tracer(tp.tracer("wsotel"))
+            // Busy/idle time per span costs a clock read and a lock per enter and exit.
+            .with_tracked_inactivity(false)
             .with_filter(Targets::new().with_target("wsotel", Level::INFO))
     });
     let logs = telemetry.logger_provider().map(|lp| {

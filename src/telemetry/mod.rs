@@ -96,6 +96,12 @@ impl Telemetry {
             meters = meters.with_reader(reader);
         }
         let meter_provider = meters.build();
+        // The SDK's batch processors count what they drop (queue full) on the global meter
+        // provider, as `otel.sdk.processor.*`: make it this one before they are built, so
+        // dropped telemetry shows on /metrics and over OTLP like everything else.
+        if settings.traces.is_some() || settings.logs.is_some() {
+            opentelemetry::global::set_meter_provider(meter_provider.clone());
+        }
         let tracer_provider =
             otlp::tracer_provider(settings, &resource).map_err(TelemetryError::Config)?;
         let logger_provider =

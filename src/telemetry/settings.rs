@@ -334,6 +334,10 @@ fn validate_url(var: &str, v: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{var}={v:?} has no host"));
     }
+    // A query or fragment would swallow the `/v1/<signal>` path appended to the endpoint.
+    if uri.query().is_some() || v.contains('#') {
+        return Err(format!("{var}={v:?} must not have a query or fragment"));
+    }
     Ok(())
 }
 
@@ -356,12 +360,13 @@ fn parse_headers(var: &str, v: &str) -> Result<Vec<(String, String)>, String> {
 
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
+            if let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push(hi << 4 | lo);
                 i += 3;
                 continue;
             }
@@ -462,6 +467,24 @@ mod tests {
         ])
         .unwrap();
         assert!(s.disabled && !s.any());
+    }
+
+    #[test]
+    fn header_values_decode_only_real_escapes() {
+        // Found by fuzzing: a `%` before a multi-byte character used to panic.
+        let s = parse(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "a=%a\u{e9},b=%+4,c=%41%4,d=100%",
+            ),
+        ])
+        .unwrap();
+        let h = s.traces.unwrap().headers;
+        assert_eq!(h[0].1, "%a\u{e9}");
+        assert_eq!(h[1].1, "%+4");
+        assert_eq!(h[2].1, "A%4");
+        assert_eq!(h[3].1, "100%");
     }
 
     #[test]

@@ -155,9 +155,35 @@ impl ShouldSample for MessageAwareSampler {
 /// Reads a W3C `traceparent` (and `tracestate`) from request headers. Returns `None` when it is
 /// absent or malformed: the upgrade then starts a new trace, and never fails because of it.
 pub fn remote_parent(headers: &http::HeaderMap) -> Option<Context> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    if !well_formed_traceparent(value) {
+        return None;
+    }
     let cx = TraceContextPropagator::new()
         .extract_with_context(&Context::new(), &HeaderExtractor(headers));
     cx.span().span_context().is_valid().then_some(cx)
+}
+
+/// The W3C Trace Context shape, checked before the SDK parses the header: the SDK reads the
+/// fields with `from_str_radix`, which accepts short, zero-padded and `+`-prefixed fields
+/// (found by fuzzing). Version: 2 lowercase hex digits, not `ff`; then a 32-digit trace id, a
+/// 16-digit parent id and 2-digit flags; version `00` has exactly those four fields.
+fn well_formed_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |p: &str, n: usize| {
+        p.len() == n && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    match parts.as_slice() {
+        [version, trace, span, flags, rest @ ..] => {
+            hex(version, 2)
+                && *version != "ff"
+                && (*version != "00" || rest.is_empty())
+                && hex(trace, 32)
+                && hex(span, 16)
+                && hex(flags, 2)
+        }
+        _ => false,
+    }
 }
 
 struct HeaderExtractor<'a>(&'a http::HeaderMap);
@@ -200,6 +226,12 @@ mod tests {
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-zz-01",
+            // Found by fuzzing: the SDK alone accepted these.
+            "00-1-2-01",
+            "+0-+1-+2-+1",
+            "00-004bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert!(remote_parent(&headers(bad)).is_none(), "{bad}");
         }

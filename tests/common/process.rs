@@ -53,9 +53,15 @@ pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Running {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut startup = Vec::new();
     loop {
-        let line = rx
-            .recv_timeout(deadline - Instant::now())
-            .expect("startup line");
+        let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => line,
+            Err(e) => {
+                // Never leave an orphan behind holding the test's pipes.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no startup line from wsotel ({e}); lines so far: {startup:#?}");
+            }
+        };
         startup.push(line.clone());
         if line.contains("wsotel started") {
             let field = |name: &str| -> std::net::SocketAddr {
