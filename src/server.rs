@@ -81,6 +81,7 @@ pub async fn run(
             .await
     });
 
+    let trimmer = tokio::spawn(give_back_memory(state.clone(), stop_listeners.clone()));
     shutdown.await;
     let open = state.open_connections();
     tracing::info!(open_connections = open, "shutdown requested: draining");
@@ -103,6 +104,7 @@ pub async fn run(
     }
     stop_listeners.cancel();
     let _ = accept.await;
+    let _ = trimmer.await;
     match admin.await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(ServerError::Admin(e)),
@@ -168,6 +170,43 @@ async fn accept_loop(
                 }
             }
         });
+    }
+}
+
+/// How often the memory give-back checks the connection count.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+/// Closed connections since the last give-back that make another worth it.
+const TRIM_AFTER_CLOSED: usize = 1000;
+
+/// glibc keeps the memory of freed connections in its arenas: after a disconnect storm RSS
+/// would stay at its peak. When the open connections have dropped by a thousand or more since
+/// the last check, `malloc_trim` returns the free pages to the kernel (a few milliseconds, on a
+/// blocking thread).
+async fn give_back_memory(state: WsState, stop: CancellationToken) {
+    let mut high_water = state.open_connections();
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let open = state.open_connections();
+        if open + TRIM_AFTER_CLOSED <= high_water {
+            let _ = tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only returns free memory to the kernel.
+                unsafe { libc::malloc_trim(0) };
+            })
+            .await;
+            tracing::debug!(
+                open_connections = open,
+                was = high_water,
+                "freed memory returned to the kernel"
+            );
+            high_water = open;
+        } else {
+            high_water = high_water.max(open);
+        }
     }
 }
 
