@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use tracing::field::{Field, Visit};
+use tracing::subscriber::Interest;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
@@ -27,7 +28,6 @@ use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::util::SubscriberInitExt;
 
 use super::Telemetry;
 use crate::config::LogFormat;
@@ -44,7 +44,17 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
             .event_format(JsonLines)
             .boxed(),
     }
-    .with_filter(env_filter().and(dynamic_filter_fn(|m, _| sdk_errors_once_a_minute(m))));
+    .with_filter(env_filter().and(
+        dynamic_filter_fn(|m, _| sdk_errors_once_a_minute(m)).with_callsite_filter(|m| {
+            // Only the SDK's warnings need asking per event; every other callsite's
+            // answer is cached, so a disabled event costs nothing.
+            if m.target().starts_with("opentelemetry") && *m.level() <= Level::WARN {
+                Interest::sometimes()
+            } else {
+                Interest::always()
+            }
+        }),
+    ));
 
     // Spans must pass this filter for their log records to carry trace context.
     let spans = telemetry.tracer_provider().map(|tp| {
@@ -61,10 +71,19 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
             })),
         )
     });
-    tracing_subscriber::registry()
+    let subscriber = tracing_subscriber::registry()
         .with(stdout)
         .with(spans)
-        .with(logs)
+        .with(logs);
+    if tracing::subscriber::set_global_default(subscriber).is_err() {
+        return; // already installed (an embedder's own subscriber wins)
+    }
+    // Dependencies that log through the `log` crate (tungstenite logs every frame at trace
+    // level) are bridged at warn and above only: with the bridge wide open, every frame's
+    // `log::trace!` went through the whole subscriber's filters, about half of the server's
+    // CPU with telemetry on (profile in BENCHMARKS.md).
+    let _ = tracing_log::LogTracer::builder()
+        .with_max_level(log::LevelFilter::Warn)
         .init();
 }
 
