@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::rooms::Rooms;
 use crate::telemetry::traces::Handling;
 use crate::telemetry::{
-    CloseReason, ConnectionGuard, Direction, DropReason, ErrorType, Events, MessageSpans,
-    MessageType, Route, RouteInstruments,
+    CloseReason, Direction, DropReason, ErrorType, Events, MessageSpans, MessageType, Route,
+    RouteInstruments,
 };
 use opentelemetry::trace::TraceContextExt;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -45,8 +45,11 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct ConnectionContext {
     /// Unique per process; on spans and logs only, never on metrics.
     pub id: u64,
-    /// Keeps the connection in `active_connections` and records its lifetime.
-    pub guard: ConnectionGuard,
+    /// The route it came in on.
+    pub route: Route,
+    /// Where it records; the connection counts itself in `active_connections` (with a drop
+    /// guard) as soon as it starts.
+    pub events: Events,
     /// Cancelled when the server shuts down.
     pub shutdown: CancellationToken,
     /// Heartbeat settings.
@@ -212,17 +215,11 @@ pub fn connection_span(id: u64, route: Route, room: Option<&str>) -> tracing::Sp
 /// span per wake-up costs a thread-local push, an OpenTelemetry context switch and a clock read,
 /// per message. It is entered only around what the connection logs, so its log records still
 /// carry its ids, and it lasts from the upgrade to the end of this future.
-///
-/// Not an `async fn` wrapper either: that would keep the arguments alongside the inner future
-/// for the connection's whole life, and every byte here is multiplied by the connections.
-pub fn serve(socket: WebSocket, ctx: ConnectionContext) -> impl std::future::Future<Output = ()> {
-    run_connection(socket, ctx)
-}
-
-async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
+pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     let ConnectionContext {
         id,
-        guard,
+        route,
+        events,
         shutdown,
         ping_interval,
         pong_timeout,
@@ -234,7 +231,7 @@ async fn run_connection(socket: WebSocket, ctx: ConnectionContext) {
     let connection_context = message_spans
         .as_ref()
         .map(|_| span.context().span().span_context().clone());
-    let events = guard.events().clone();
+    let guard = events.connection_opened(route);
     let mut link = Link {
         socket,
         events: &events,

@@ -211,15 +211,17 @@ fn upgrade(
     // Made here, inside the upgrade span, so the connection span is its child.
     let span = connection::connection_span(id, route, kind.room());
     let pending = Box::new(Pending {
-        id,
-        route,
-        events: events.clone(),
-        shutdown: s.shutdown.clone(),
-        ping_interval: config.ping_interval,
-        pong_timeout: config.pong_timeout,
-        kind,
-        span,
-        message_spans: s.message_spans.clone(),
+        ctx: ConnectionContext {
+            id,
+            route,
+            events: events.clone(),
+            shutdown: s.shutdown.clone(),
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            kind,
+            span,
+            message_spans: s.message_spans.clone(),
+        },
         permit,
     });
     let max = config.max_message_size;
@@ -235,48 +237,20 @@ fn upgrade(
 /// Everything a connection needs once upgraded, in one allocation: axum keeps the upgrade
 /// callback alive as long as the connection, so it captures one pointer, not these fields.
 struct Pending {
-    id: u64,
-    route: Route,
-    events: Events,
-    shutdown: CancellationToken,
-    ping_interval: std::time::Duration,
-    pong_timeout: std::time::Duration,
-    kind: ConnectionKind,
-    span: tracing::Span,
-    message_spans: Option<Arc<MessageSpans>>,
+    ctx: ConnectionContext,
     /// The connection's slot, released when its task ends.
     permit: OwnedSemaphorePermit,
 }
 
 impl Pending {
     /// The connection's task. A panic in one connection must not go unnoticed nor leak its
-    /// slot: the guard inside the context records the lifetime as `internal_error` as it
+    /// slot: the connection's drop guard records the lifetime as `internal_error` as it
     /// unwinds, and the panic is counted here. Built from combinators, not an `async` block,
     /// so the connection future is stored once.
     #[allow(clippy::boxed_local)] // the box is what keeps axum's upgrade callback small
     fn start(self: Box<Self>, socket: WebSocket) -> impl std::future::Future<Output = ()> {
-        let Pending {
-            id,
-            route,
-            events,
-            shutdown,
-            ping_interval,
-            pong_timeout,
-            kind,
-            span,
-            message_spans,
-            permit,
-        } = *self;
-        let ctx = ConnectionContext {
-            id,
-            guard: events.connection_opened(route),
-            shutdown,
-            ping_interval,
-            pong_timeout,
-            kind,
-            span,
-            message_spans,
-        };
+        let Pending { ctx, permit } = *self;
+        let (id, route, events) = (ctx.id, ctx.route, ctx.events.clone());
         AssertUnwindSafe(connection::serve(socket, ctx))
             .catch_unwind()
             .map(move |outcome| {
