@@ -5,6 +5,7 @@
 //! message is counted on the route's bound instruments as it crosses the socket; the
 //! connection's own totals go on its span and its closing log line.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -260,156 +261,193 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     tokio::pin!(sleep);
 
     let mut batch = Batching::default();
-    let ending = loop {
-        // Replies fed while more input was ready are flushed once none is: with many messages
-        // in flight that is one write for many replies; with one, no extra read per message.
-        let ready = if batch.unflushed {
-            match link.socket.recv().now_or_never() {
-                Some(item) => {
-                    batch.hit();
-                    Some(item)
+    // A panic while handling this connection (a bug) ends only this connection, like any
+    // other failure: Close 1011, reason `internal_error`, counted as `errors{panic}`, and the
+    // room left and totals recorded below. Unwinding costs nothing until it happens.
+    let handled = AssertUnwindSafe(async {
+        loop {
+            // Replies fed while more input was ready are flushed once none is: with many messages
+            // in flight that is one write for many replies; with one, no extra read per message.
+            let ready = if batch.unflushed {
+                match link.socket.recv().now_or_never() {
+                    Some(item) => {
+                        batch.hit();
+                        Some(item)
+                    }
+                    None => {
+                        batch.miss();
+                        if let Err(e) = link.flush().await {
+                            break e;
+                        }
+                        None
+                    }
                 }
-                None => {
-                    batch.miss();
+            } else {
+                None
+            };
+            let event = match ready {
+                Some(item) => Event::Incoming(item),
+                None => tokio::select! {
+                    biased;
+                    _ = link.stop.cancelled() => Event::Stop,
+                    item = link.socket.recv() => Event::Incoming(item),
+                    Some(out) = recv_queued(&mut rx) => Event::Queued(out),
+                    _ = &mut sleep => Event::Heartbeat,
+                },
+            };
+            match event {
+                Event::Stop => {
+                    break if shutdown.is_cancelled() {
+                        Ending::server(
+                            CloseReason::ServerShutdown,
+                            close_code::GOING_AWAY,
+                            "server shutting down",
+                        )
+                    } else {
+                        link.events
+                            .error(link.route.route(), ErrorType::SlowConsumer);
+                        tracing::warn!(connection.id = id as i64, "slow consumer disconnected");
+                        Ending::server(
+                            CloseReason::SlowConsumer,
+                            close_code::POLICY_VIOLATION,
+                            "slow consumer",
+                        )
+                    };
+                }
+                Event::Incoming(incoming) => {
+                    let msg = match incoming {
+                        Some(Ok(msg)) => msg,
+                        Some(Err(err)) => break link.classify(err),
+                        None => break Ending::client(CloseReason::ClientAborted),
+                    };
+                    let received_at = Instant::now();
+                    let Some(msg) = link.received(msg) else {
+                        continue;
+                    };
+                    #[cfg(feature = "fault-injection")]
+                    inject_fault(&msg);
+                    match msg {
+                        Message::Text(_) | Message::Binary(_) => {
+                            let traced = message_spans.as_ref().filter(|m| m.sample());
+                            let (kind, size) = kind_and_len(&msg);
+                            let feed = membership.is_none() && batch.feeding();
+                            let (handled, handling) = match &membership {
+                                None if feed => (link.feed_data(msg).await, Handling::Echo),
+                                None => (link.send_data(msg).await, Handling::Echo),
+                                Some(m) => {
+                                    let d = m.broadcast(&msg);
+                                    (
+                                        Ok(()),
+                                        Handling::Broadcast {
+                                            recipients: d.queued,
+                                        },
+                                    )
+                                }
+                            };
+                            batch.unflushed |= feed;
+                            link.route.message_handled(received_at);
+                            if let (Some(spans), Some(conn)) = (traced, connection_context.as_ref())
+                            {
+                                let start = SystemTime::now() - received_at.elapsed();
+                                spans.record(
+                                    start,
+                                    conn,
+                                    id,
+                                    link.route.route(),
+                                    kind,
+                                    size,
+                                    handling,
+                                );
+                            }
+                            if let Err(e) = handled {
+                                break e;
+                            }
+                        }
+                        Message::Pong(p) => {
+                            if let Some(rtt) = heartbeat.pong(&p) {
+                                link.events.ping_round_trip(rtt);
+                                sleep.as_mut().reset(heartbeat.deadline().into());
+                            }
+                        }
+                        Message::Close(frame) => {
+                            // tungstenite has queued the reply; the next read flushes it (and any
+                            // fed replies before it) and ends the stream.
+                            link.route
+                                .message(Direction::Transmit, MessageType::Close, 0);
+                            // Boxed, like every rare await here: the connection future's size is
+                            // its largest await's, paid by every idle connection.
+                            let _ = Box::pin(tokio::time::timeout(
+                                CLOSE_REPLY_TIMEOUT,
+                                link.socket.recv(),
+                            ))
+                            .await;
+                            break Ending::client_close(frame.as_ref().map(|f| f.code));
+                        }
+                        Message::Ping(_) => {}
+                    }
+                }
+                Event::Queued(out) => {
+                    // Feed everything already queued for this member, then write it at once.
+                    let mut next = Some(out);
+                    let mut failed = None;
+                    while let Some(msg) = next {
+                        if let Err(e) = link.feed_data(msg).await {
+                            failed = Some(e);
+                            break;
+                        }
+                        next = rx.as_mut().and_then(|rx| rx.try_recv().ok());
+                    }
+                    if let Some(e) = failed {
+                        break e;
+                    }
                     if let Err(e) = link.flush().await {
                         break e;
                     }
-                    None
+                }
+                Event::Heartbeat => {
+                    if heartbeat.outstanding.is_some() {
+                        link.events
+                            .error(link.route.route(), ErrorType::HeartbeatTimeout);
+                        tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong");
+                        // The peer is presumed dead: no Close handshake to wait for.
+                        break Ending::client(CloseReason::HeartbeatTimeout);
+                    }
+                    heartbeat.seq += 1;
+                    let payload = heartbeat.seq.to_be_bytes();
+                    heartbeat.outstanding = Some((heartbeat.seq, Instant::now()));
+                    sleep.as_mut().reset(heartbeat.deadline().into());
+                    let ping = Message::Ping(payload.to_vec().into());
+                    match Box::pin(with_stop(&link.stop, link.socket.send(ping))).await {
+                        Some(Ok(())) => link.route.message(
+                            Direction::Transmit,
+                            MessageType::Ping,
+                            payload.len(),
+                        ),
+                        Some(Err(err)) => break link.classify(err),
+                        None => continue,
+                    }
                 }
             }
-        } else {
-            None
-        };
-        let event = match ready {
-            Some(item) => Event::Incoming(item),
-            None => tokio::select! {
-                biased;
-                _ = link.stop.cancelled() => Event::Stop,
-                item = link.socket.recv() => Event::Incoming(item),
-                Some(out) = recv_queued(&mut rx) => Event::Queued(out),
-                _ = &mut sleep => Event::Heartbeat,
-            },
-        };
-        match event {
-            Event::Stop => {
-                break if shutdown.is_cancelled() {
-                    Ending::server(
-                        CloseReason::ServerShutdown,
-                        close_code::GOING_AWAY,
-                        "server shutting down",
-                    )
-                } else {
-                    link.events
-                        .error(link.route.route(), ErrorType::SlowConsumer);
-                    tracing::warn!(connection.id = id as i64, "slow consumer disconnected");
-                    Ending::server(
-                        CloseReason::SlowConsumer,
-                        close_code::POLICY_VIOLATION,
-                        "slow consumer",
-                    )
-                };
-            }
-            Event::Incoming(incoming) => {
-                let msg = match incoming {
-                    Some(Ok(msg)) => msg,
-                    Some(Err(err)) => break link.classify(err),
-                    None => break Ending::client(CloseReason::ClientAborted),
-                };
-                let received_at = Instant::now();
-                let Some(msg) = link.received(msg) else {
-                    continue;
-                };
-                match msg {
-                    Message::Text(_) | Message::Binary(_) => {
-                        let traced = message_spans.as_ref().filter(|m| m.sample());
-                        let (kind, size) = kind_and_len(&msg);
-                        let feed = membership.is_none() && batch.feeding();
-                        let (handled, handling) = match &membership {
-                            None if feed => (link.feed_data(msg).await, Handling::Echo),
-                            None => (link.send_data(msg).await, Handling::Echo),
-                            Some(m) => {
-                                let d = m.broadcast(&msg);
-                                (
-                                    Ok(()),
-                                    Handling::Broadcast {
-                                        recipients: d.queued,
-                                    },
-                                )
-                            }
-                        };
-                        batch.unflushed |= feed;
-                        link.route.message_handled(received_at);
-                        if let (Some(spans), Some(conn)) = (traced, connection_context.as_ref()) {
-                            let start = SystemTime::now() - received_at.elapsed();
-                            spans.record(start, conn, id, link.route.route(), kind, size, handling);
-                        }
-                        if let Err(e) = handled {
-                            break e;
-                        }
-                    }
-                    Message::Pong(p) => {
-                        if let Some(rtt) = heartbeat.pong(&p) {
-                            link.events.ping_round_trip(rtt);
-                            sleep.as_mut().reset(heartbeat.deadline().into());
-                        }
-                    }
-                    Message::Close(frame) => {
-                        // tungstenite has queued the reply; the next read flushes it (and any
-                        // fed replies before it) and ends the stream.
-                        link.route
-                            .message(Direction::Transmit, MessageType::Close, 0);
-                        // Boxed, like every rare await here: the connection future's size is
-                        // its largest await's, paid by every idle connection.
-                        let _ = Box::pin(tokio::time::timeout(
-                            CLOSE_REPLY_TIMEOUT,
-                            link.socket.recv(),
-                        ))
-                        .await;
-                        break Ending::client_close(frame.as_ref().map(|f| f.code));
-                    }
-                    Message::Ping(_) => {}
-                }
-            }
-            Event::Queued(out) => {
-                // Feed everything already queued for this member, then write it at once.
-                let mut next = Some(out);
-                let mut failed = None;
-                while let Some(msg) = next {
-                    if let Err(e) = link.feed_data(msg).await {
-                        failed = Some(e);
-                        break;
-                    }
-                    next = rx.as_mut().and_then(|rx| rx.try_recv().ok());
-                }
-                if let Some(e) = failed {
-                    break e;
-                }
-                if let Err(e) = link.flush().await {
-                    break e;
-                }
-            }
-            Event::Heartbeat => {
-                if heartbeat.outstanding.is_some() {
-                    link.events
-                        .error(link.route.route(), ErrorType::HeartbeatTimeout);
-                    tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong");
-                    // The peer is presumed dead: no Close handshake to wait for.
-                    break Ending::client(CloseReason::HeartbeatTimeout);
-                }
-                heartbeat.seq += 1;
-                let payload = heartbeat.seq.to_be_bytes();
-                heartbeat.outstanding = Some((heartbeat.seq, Instant::now()));
-                sleep.as_mut().reset(heartbeat.deadline().into());
-                let ping = Message::Ping(payload.to_vec().into());
-                match Box::pin(with_stop(&link.stop, link.socket.send(ping))).await {
-                    Some(Ok(())) => {
-                        link.route
-                            .message(Direction::Transmit, MessageType::Ping, payload.len())
-                    }
-                    Some(Err(err)) => break link.classify(err),
-                    None => continue,
-                }
-            }
+        }
+    })
+    .catch_unwind()
+    .await;
+    let ending = match handled {
+        Ok(ending) => ending,
+        Err(panic) => {
+            link.events.error(link.route.route(), ErrorType::Panic);
+            span.in_scope(|| {
+                tracing::error!(
+                    connection.id = id as i64,
+                    panic = panic_message(&*panic),
+                    "connection handler panicked: closing with 1011"
+                )
+            });
+            Ending::server(
+                CloseReason::InternalError,
+                close_code::INTERNAL_ERROR,
+                "internal error",
+            )
         }
     };
 
@@ -456,6 +494,27 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
         bytes_out = totals.bytes_out as i64,
         "connection closed"
     );
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a format string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&'static str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
+}
+
+/// The text message that panics its connection's handler, with the test-only
+/// `fault-injection` feature (never in a release build).
+#[cfg(feature = "fault-injection")]
+pub const PANIC_TRIGGER: &str = "wsotel-fault:panic";
+
+#[cfg(feature = "fault-injection")]
+fn inject_fault(msg: &Message) {
+    if matches!(msg, Message::Text(t) if t.as_str() == PANIC_TRIGGER) {
+        panic!("fault injected by a {PANIC_TRIGGER:?} message");
+    }
 }
 
 /// What woke the connection loop.

@@ -243,10 +243,11 @@ struct Pending {
 }
 
 impl Pending {
-    /// The connection's task. A panic in one connection must not go unnoticed nor leak its
-    /// slot: the connection's drop guard records the lifetime as `internal_error` as it
-    /// unwinds, and the panic is counted here. Built from combinators, not an `async` block,
-    /// so the connection future is stored once.
+    /// The connection's task. `serve` contains a panic in the connection's handling itself
+    /// (Close 1011); this is the last line, for a panic in its cleanup: the task must not leak
+    /// its slot, the drop guard records the lifetime as `internal_error` as it unwinds, and the
+    /// panic is counted here. Built from combinators, not an `async` block, so the connection
+    /// future is stored once.
     #[allow(clippy::boxed_local)] // the box is what keeps axum's upgrade callback small
     fn start(self: Box<Self>, socket: WebSocket) -> impl std::future::Future<Output = ()> {
         let Pending { ctx, permit } = *self;
@@ -254,9 +255,13 @@ impl Pending {
         AssertUnwindSafe(connection::serve(socket, ctx))
             .catch_unwind()
             .map(move |outcome| {
-                if outcome.is_err() {
+                if let Err(panic) = outcome {
                     events.error(route, ErrorType::Panic);
-                    tracing::error!(connection.id = id as i64, "connection task panicked");
+                    tracing::error!(
+                        connection.id = id as i64,
+                        panic = connection::panic_message(&*panic),
+                        "connection task panicked"
+                    );
                 }
                 drop(permit);
             })

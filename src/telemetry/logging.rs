@@ -85,6 +85,21 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
     let _ = tracing_log::LogTracer::builder()
         .with_max_level(log::LevelFilter::Warn)
         .init();
+    // A panic is logged like everything else (a text or JSON line, an OTel log record), not
+    // as raw text on stderr; with `RUST_BACKTRACE=1` the backtrace goes with it.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+            .then(|| backtrace.to_string());
+        tracing::error!(
+            panic = crate::connection::panic_message(info.payload()),
+            panic.location = %location,
+            panic.thread = std::thread::current().name().unwrap_or("unnamed"),
+            backtrace,
+            "panicked"
+        );
+    }));
 }
 
 fn env_filter() -> EnvFilter {

@@ -1,0 +1,146 @@
+//! A panic in one connection's handling, provoked with the test-only `fault-injection`
+//! feature (`cargo test --features fault-injection --test faults`): it ends that connection
+//! only, with Close 1011, is counted and logged, and frees the connection's slot.
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use common::process::start;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use wsotel::connection::PANIC_TRIGGER;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_ends_only_its_connection_and_is_counted() {
+    let server = start(&["--max-connections", "4"]);
+    let url = |path: &str| format!("ws://{}{path}", server.ws);
+
+    let mut echo_victim = connect(&url("/ws/echo")).await;
+    let mut echo_other = connect(&url("/ws/echo")).await;
+    let mut room_victim = connect(&url("/ws/rooms/lobby")).await;
+    let mut room_other = connect(&url("/ws/rooms/lobby")).await;
+
+    // An echo connection panics mid-conversation.
+    echo_victim.send(Message::text("before")).await.unwrap();
+    assert_eq!(next_data(&mut echo_victim).await, Message::text("before"));
+    echo_victim
+        .send(Message::text(PANIC_TRIGGER))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut echo_victim).await, Some(1011));
+
+    // A room member panics; the room goes on without it.
+    room_victim
+        .send(Message::text(PANIC_TRIGGER))
+        .await
+        .unwrap();
+    assert_eq!(close_code(&mut room_victim).await, Some(1011));
+
+    // The two panicked connections gave their slots back: with a limit of 4, two more fit.
+    for ws in [&mut echo_victim, &mut room_victim] {
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, body) = http_get(server.admin, "/metrics").await;
+        if Metrics::parse(&body).sum("websocket_server_active_connections", &[]) == 2.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slots not freed: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut newcomer = connect(&url("/ws/rooms/lobby")).await;
+    let mut echo_late = connect(&url("/ws/echo")).await;
+    assert_eq!(
+        refused_status(url("/ws/echo")).await,
+        503,
+        "and the limit still holds"
+    );
+
+    // Everyone else is unharmed.
+    for i in 0..50 {
+        let text = format!("still here {i}");
+        echo_other.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next_data(&mut echo_other).await, Message::text(text));
+    }
+    echo_late.send(Message::text("late")).await.unwrap();
+    assert_eq!(next_data(&mut echo_late).await, Message::text("late"));
+    newcomer.send(Message::text("hello room")).await.unwrap();
+    assert_eq!(
+        next_data(&mut room_other).await,
+        Message::text("hello room")
+    );
+
+    let (_, body) = http_get(server.admin, "/metrics").await;
+    let m = Metrics::parse(&body);
+    let panics = |route: &str| {
+        m.sum(
+            "websocket_server_errors_total",
+            &[("error_type", "panic"), ("http_route", route)],
+        )
+    };
+    assert_eq!(panics("/ws/echo"), 1.0, "{body}");
+    assert_eq!(panics("/ws/rooms/{room}"), 1.0, "{body}");
+    assert_eq!(
+        m.sum("websocket_server_active_connections", &[]),
+        4.0,
+        "two panicked out of six opened: {body}"
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[("websocket_close_reason", "internal_error")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[
+                ("http_route", "/ws/echo"),
+                ("network_io_direction", "transmit"),
+                ("websocket_message_type", "close")
+            ]
+        ),
+        1.0,
+        "the 1011 is counted as sent"
+    );
+    assert_eq!(m.sum("websocket_server_rooms", &[]), 1.0, "lobby lives on");
+
+    for ws in [
+        &mut echo_other,
+        &mut echo_late,
+        &mut room_other,
+        &mut newcomer,
+    ] {
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    server.sigterm();
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "the server survived both panics");
+
+    // Each panic is logged where it happened, then by the connection it ended.
+    let hooked: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("panicked") && l.contains("panic.location=src/connection.rs"))
+        .collect();
+    assert_eq!(hooked.len(), 2, "{lines:#?}");
+    assert!(hooked.iter().all(|l| l.contains("fault injected")));
+    let closed: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("connection handler panicked: closing with 1011"))
+        .collect();
+    assert_eq!(closed.len(), 2, "{lines:#?}");
+    assert!(closed.iter().all(|l| l.contains("connection.id=")));
+    assert!(
+        !lines.iter().any(|l| l.contains("connection task panicked")),
+        "the panic never escaped the connection's handler"
+    );
+}
