@@ -517,3 +517,217 @@ async fn blackholed_collector_drops_counted_serving_unaffected_exit_bounded() {
     );
     held.abort();
 }
+
+/// What one client counted: data messages and payload bytes each way, and the server's Close.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    sent: u64,
+    sent_bytes: u64,
+    received: u64,
+    received_bytes: u64,
+    close: Option<u16>,
+}
+
+/// An echo client keeping 16 messages in flight (written together, then read back) until the
+/// server's Close arrives.
+async fn pipelined_echo(url: String, size: usize) -> Tally {
+    let mut ws = connect(&url).await;
+    let mut t = Tally::default();
+    'session: loop {
+        for _ in 0..16 {
+            ws.feed(Message::binary(vec![b'e'; size])).await.unwrap();
+        }
+        ws.flush().await.unwrap();
+        t.sent += 16;
+        t.sent_bytes += 16 * size as u64;
+        for _ in 0..16 {
+            match ws.next().await {
+                Some(Ok(Message::Binary(b))) => {
+                    t.received += 1;
+                    t.received_bytes += b.len() as u64;
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    t.close = frame.map(|f| u16::from(f.code));
+                    break 'session;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    // Reading on flushes the client's reply to the Close, then sees the end of the stream.
+    while let Some(Ok(_)) = ws.next().await {}
+    t
+}
+
+/// A room member publishing a message every 2 ms while it reads everything the room sends it,
+/// until the server's Close.
+async fn room_member(url: String, size: usize) -> Tally {
+    let ws = connect(&url).await;
+    let (mut tx, mut rx) = ws.split();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let closed = closed.clone();
+        async move {
+            let (mut sent, mut bytes) = (0u64, 0u64);
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            while !closed.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                if tx.send(Message::text("r".repeat(size))).await.is_err() {
+                    break; // the Close arrived: nothing was written
+                }
+                sent += 1;
+                bytes += size as u64;
+            }
+            (sent, bytes)
+        }
+    });
+    let mut t = Tally::default();
+    while let Some(msg) = rx.next().await {
+        match msg {
+            Ok(Message::Text(s)) => {
+                t.received += 1;
+                t.received_bytes += s.len() as u64;
+            }
+            Ok(Message::Close(frame)) => {
+                t.close = frame.map(|f| u16::from(f.code));
+                closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    (t.sent, t.sent_bytes) = writer.await.unwrap();
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_final_export_equals_client_totals() {
+    let (l, addr) = listener().await;
+    let receiver = Receiver::default();
+    let _rx = receiver.serve_grpc(l);
+    let server = start_with_env(
+        // The echo load starves the test's own room readers of CPU at times: a deep queue
+        // keeps them members (the slow-consumer kick is tested in tests/server.rs).
+        &["--outbound-queue", "16384"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            // Longer than the test: the counts checked come from the final flush at exit.
+            ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+        ],
+    );
+    const ECHO: usize = 40;
+    const MEMBERS: usize = 8;
+    let mut echo = Vec::new();
+    for _ in 0..ECHO {
+        echo.push(tokio::spawn(pipelined_echo(
+            format!("ws://{}/ws/echo", server.ws),
+            100,
+        )));
+    }
+    let mut room = Vec::new();
+    for _ in 0..MEMBERS {
+        room.push(tokio::spawn(room_member(
+            format!("ws://{}/ws/rooms/shutdown-load", server.ws),
+            40,
+        )));
+    }
+    // Full load for a while, then SIGTERM in the middle of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.sigterm();
+    let mut echo_total = Tally::default();
+    for t in echo {
+        let t = t.await.unwrap();
+        assert_eq!(t.close, Some(1001), "every client gets Close 1001");
+        echo_total.sent += t.sent;
+        echo_total.sent_bytes += t.sent_bytes;
+        echo_total.received += t.received;
+        echo_total.received_bytes += t.received_bytes;
+    }
+    let mut room_total = Tally::default();
+    for t in room {
+        let t = t.await.unwrap();
+        assert_eq!(t.close, Some(1001), "every member gets Close 1001");
+        room_total.sent += t.sent;
+        room_total.sent_bytes += t.sent_bytes;
+        room_total.received += t.received;
+        room_total.received_bytes += t.received_bytes;
+    }
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        lines.iter().any(|l| l.contains("all connections drained")),
+        "no connection task outlived the drain: {lines:#?}"
+    );
+    eprintln!("echo clients: {echo_total:?}\nroom members: {room_total:?}");
+    assert!(echo_total.sent > 1000, "under load: {echo_total:?}");
+    assert!(room_total.received > 100, "under load: {room_total:?}");
+
+    // The last export, made at exit, holds exactly what the clients counted.
+    let last = receiver.last_metrics("wsotel");
+    let series: Vec<_> = last.iter().flat_map(|(_, m)| as_prometheus(m)).collect();
+    let sum = |name: &str, want: &[(&str, &str)]| -> f64 {
+        series
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    for (route, kind, t, members) in [
+        ("/ws/echo", "binary", echo_total, ECHO),
+        ("/ws/rooms/{room}", "text", room_total, MEMBERS),
+    ] {
+        let messages = |dir: &str, kind: &str| {
+            sum(
+                "websocket_server_messages_total",
+                &[
+                    ("http_route", route),
+                    ("network_io_direction", dir),
+                    ("websocket_message_type", kind),
+                ],
+            )
+        };
+        let bytes = |dir: &str| {
+            sum(
+                "websocket_server_io_bytes_total",
+                &[("http_route", route), ("network_io_direction", dir)],
+            )
+        };
+        assert_eq!(messages("receive", kind), t.sent as f64, "{route} {t:?}");
+        assert_eq!(
+            messages("transmit", kind),
+            t.received as f64,
+            "{route} {t:?}"
+        );
+        assert_eq!(bytes("receive"), t.sent_bytes as f64, "{route}");
+        assert_eq!(bytes("transmit"), t.received_bytes as f64, "{route}");
+        assert_eq!(messages("transmit", "close"), members as f64, "{route}");
+        assert_eq!(messages("receive", "close"), members as f64, "{route}");
+        assert_eq!(
+            sum(
+                "websocket_server_connection_duration_seconds_count",
+                &[
+                    ("http_route", route),
+                    ("websocket_close_reason", "server_shutdown")
+                ]
+            ),
+            members as f64,
+            "{route}"
+        );
+        assert_eq!(
+            sum(
+                "websocket_server_active_connections",
+                &[("http_route", route)]
+            ),
+            0.0
+        );
+    }
+}
