@@ -65,8 +65,8 @@ async fn serve(config: Config, otlp: telemetry::OtlpSettings) -> ExitCode {
         "wsotel started"
     );
     let result = wsotel::run(ws, admin, config, telemetry.clone(), shutdown).await;
-    telemetry.shutdown(TELEMETRY_SHUTDOWN);
-    match result {
+    // Logged before the flush, so the last log record is exported with the rest.
+    let code = match result {
         Ok(()) => {
             tracing::info!("wsotel stopped");
             ExitCode::SUCCESS
@@ -75,7 +75,9 @@ async fn serve(config: Config, otlp: telemetry::OtlpSettings) -> ExitCode {
             tracing::error!(error = %err, "wsotel failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown(TELEMETRY_SHUTDOWN);
+    code
 }
 
 /// Longest the final flush of spans, logs and metrics may hold the exit.

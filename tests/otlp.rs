@@ -386,25 +386,13 @@ async fn receiver_down_at_start_then_up_export_resumes() {
     let receiver = Receiver::default();
     let l = tokio::net::TcpListener::bind(addr).await.unwrap();
     let _rx = receiver.serve_grpc(l);
-    let total = |r: &Receiver| -> f64 {
-        r.last_metrics("wsotel")
-            .iter()
-            .flat_map(|(_, m)| as_prometheus(m))
-            .filter(|(n, l, _)| {
-                n == "websocket_server_messages_total"
-                    && l.get("network_io_direction").map(String::as_str) == Some("receive")
-                    && l.get("websocket_message_type").map(String::as_str) == Some("text")
-            })
-            .map(|(_, _, v)| v)
-            .sum()
-    };
     // Cumulative counts survive the outage: the first exports after it carry all 23.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while total(&receiver) != 23.0 {
+    while received_text(&receiver) != 23.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "export did not resume: {}",
-            total(&receiver)
+            received_text(&receiver)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -730,4 +718,121 @@ async fn sigterm_under_load_final_export_equals_client_totals() {
             0.0
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_collector_loses_nothing_within_its_queues() {
+    // Every export is answered 1.5 s late, well inside the 5 s export timeout.
+    let (l, addr) = listener().await;
+    let receiver = Receiver {
+        delay: Duration::from_millis(1500),
+        ..Receiver::default()
+    };
+    let _rx = receiver.serve_grpc(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "5000"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "300"),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+        ],
+    );
+    // Serving does not wait on the exports: three sessions go through while they are pending
+    // (each echo must come back within next_data's 10 s).
+    for _ in 0..3 {
+        echo_session(server.ws, 400).await;
+    }
+    // 1,200 sampled messages fit the 2,048-span queue: every one arrives, late.
+    let message_spans = |r: &Receiver| {
+        r.spans()
+            .iter()
+            .filter(|(_, s)| s.name == "websocket.message")
+            .count()
+    };
+    eventually("every message span", || message_spans(&receiver) == 1200).await;
+    eventually("the counts", || received_text(&receiver) == 1200.0).await;
+    let closed = |r: &Receiver| {
+        r.log_records()
+            .iter()
+            .filter(|(_, l)| l.body.as_ref().map(any_text).as_deref() == Some("connection closed"))
+            .count()
+    };
+    eventually("every closing log", || closed(&receiver) == 3).await;
+    let (_, body) = http_get(server.admin, "/metrics").await;
+    let m = Metrics::parse(&body);
+    assert_eq!(
+        m.sum(
+            "otel_sdk_processor_span_processed_total",
+            &[("error_type", "queue_full")]
+        ),
+        0.0,
+        "nothing dropped: {body}"
+    );
+    assert_eq!(message_spans(&receiver), 1200, "no duplicates either");
+
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+}
+
+/// The wsotel-scope text messages received, from the latest metrics export.
+fn received_text(r: &Receiver) -> f64 {
+    r.last_metrics("wsotel")
+        .iter()
+        .flat_map(|(_, m)| as_prometheus(m))
+        .filter(|(n, l, _)| {
+            n == "websocket_server_messages_total"
+                && l.get("network_io_direction").map(String::as_str) == Some("receive")
+                && l.get("websocket_message_type").map(String::as_str) == Some("text")
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_collector_exports_resume_with_cumulative_counts() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let first = Receiver::default();
+    let first_process = first.serve_grpc_process(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+        ],
+    );
+    echo_session(server.ws, 10).await;
+    eventually("the first 10", || received_text(&first) == 10.0).await;
+
+    // The collector dies (listener and connections closed at once) while traffic goes on.
+    tokio::task::spawn_blocking(move || first_process.kill())
+        .await
+        .unwrap();
+    echo_session(server.ws, 5).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    echo_session(server.ws, 7).await;
+
+    // Back on the same port: exports resume, and the cumulative counts include what happened
+    // while it was away.
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let second = Receiver::default();
+    let _second_task = second.serve_grpc(l);
+    eventually("all 22 after the restart", || {
+        received_text(&second) == 22.0
+    })
+    .await;
+    assert_eq!(received_text(&first), 10.0, "the first saw only its share");
+
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
 }

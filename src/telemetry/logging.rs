@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -31,6 +31,10 @@ use tracing_subscriber::registry::LookupSpan;
 
 use super::Telemetry;
 use crate::config::LogFormat;
+
+/// Cleared when the logger provider shuts down: events after that (the shutdown's own report)
+/// go to stdout only, instead of making the SDK warn that logs arrived after its shutdown.
+pub(super) static LOG_EXPORT_OPEN: AtomicBool = AtomicBool::new(true);
 
 /// Targets whose events never become OTel log records.
 const NOT_EXPORTED: [&str; 6] = ["hyper", "h2", "tonic", "tower", "reqwest", "opentelemetry"];
@@ -65,11 +69,12 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
             .with_filter(Targets::new().with_target("wsotel", Level::INFO))
     });
     let logs = telemetry.logger_provider().map(|lp| {
-        opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp).with_filter(
-            env_filter().and(filter_fn(|m| {
-                !NOT_EXPORTED.iter().any(|p| m.target().starts_with(p))
-            })),
+        UntilLoggerShutdown(
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp),
         )
+        .with_filter(env_filter().and(filter_fn(|m| {
+            !NOT_EXPORTED.iter().any(|p| m.target().starts_with(p))
+        })))
     });
     let subscriber = tracing_subscriber::registry()
         .with(stdout)
@@ -100,6 +105,19 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
             "panicked"
         );
     }));
+}
+
+/// The OTel log bridge until the logger provider shuts down. A wrapping layer, not a filter:
+/// a per-layer filter whose `event_enabled` says no leaves tracing-subscriber's filter state
+/// dirty (a debug assertion fires).
+struct UntilLoggerShutdown<L>(L);
+
+impl<S: Subscriber, L: Layer<S>> Layer<S> for UntilLoggerShutdown<L> {
+    fn on_event(&self, event: &Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if LOG_EXPORT_OPEN.load(Ordering::Relaxed) {
+            self.0.on_event(event, ctx);
+        }
+    }
 }
 
 fn env_filter() -> EnvFilter {

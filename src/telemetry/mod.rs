@@ -186,6 +186,7 @@ impl Telemetry {
                     }
                 }
                 if let Some(l) = logger {
+                    logging::LOG_EXPORT_OPEN.store(false, std::sync::atomic::Ordering::Relaxed);
                     if let Err(e) = l.shutdown() {
                         errors.push(format!("logger provider: {e}"));
                     }

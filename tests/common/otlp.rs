@@ -45,6 +45,16 @@ pub struct Received {
 #[derive(Clone, Default)]
 pub struct Receiver {
     pub received: Arc<Mutex<Received>>,
+    /// A slow collector: each gRPC export is stored at once and answered this much later.
+    pub delay: Duration,
+}
+
+impl Receiver {
+    async fn answer_late(&self) {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -54,6 +64,7 @@ impl TraceService for Receiver {
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.received.lock().unwrap().traces.push(req.into_inner());
+        self.answer_late().await;
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -65,6 +76,7 @@ impl MetricsService for Receiver {
         req: tonic::Request<ExportMetricsServiceRequest>,
     ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.received.lock().unwrap().metrics.push(req.into_inner());
+        self.answer_late().await;
         Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
     }
 }
@@ -76,6 +88,7 @@ impl LogsService for Receiver {
         req: tonic::Request<ExportLogsServiceRequest>,
     ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
         self.received.lock().unwrap().logs.push(req.into_inner());
+        self.answer_late().await;
         Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
     }
 }
@@ -93,6 +106,27 @@ impl Receiver {
                 .await
                 .unwrap();
         })
+    }
+
+    /// Serves OTLP/gRPC on `listener` from a runtime of its own, like a collector process:
+    /// [`Process::kill`] drops that runtime, closing the listener and every connection at once.
+    pub fn serve_grpc_process(&self, listener: std::net::TcpListener) -> Process {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let r = self.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let _server = r.serve_grpc(TcpListener::from_std(listener).unwrap());
+                let _ = stopped.await;
+            });
+            // Dropping the runtime drops every task: the connections close with it.
+        });
+        Process { stop, thread }
     }
 
     /// Serves OTLP/HTTP with protobuf bodies (`POST /v1/{traces,metrics,logs}`).
@@ -197,6 +231,30 @@ impl Receiver {
             }
         }
         latest.into_values().collect()
+    }
+}
+
+/// A receiver running as if in a process of its own.
+pub struct Process {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Process {
+    /// Stops it at once, like a killed collector: its port is free afterwards.
+    pub fn kill(self) {
+        let _ = self.stop.send(());
+        self.thread.join().unwrap();
+    }
+}
+
+/// Waits (at most 20 s) until `pred` holds; `pred` may read a [`Receiver`] through its
+/// accessors (unlike [`Receiver::wait_for`], which holds the receiver's lock).
+pub async fn eventually(what: &str, pred: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

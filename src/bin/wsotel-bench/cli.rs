@@ -218,6 +218,12 @@ pub struct SinkArgs {
     /// Print the final counts as one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// A slow collector: answer every export only after this long (it is still received).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "blackhole")]
+    pub delay: Option<Duration>,
+    /// A blackholed collector: accept TCP connections, then never read from them nor answer.
+    #[arg(long)]
+    pub blackhole: bool,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

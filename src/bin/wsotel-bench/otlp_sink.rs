@@ -1,6 +1,9 @@
 //! `otlp-sink`: an OTLP/gRPC receiver that accepts traces, metrics and logs, counts them and
 //! throws them away: the cheapest real endpoint for a server's full-telemetry benchmark runs,
 //! so the server pays for encoding and sending its telemetry and nothing waits on storage.
+//!
+//! It can also play a faulty collector for `scripts/bench-faults`: `--delay` answers every
+//! export late, `--blackhole` accepts connections and never reads or answers.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +44,19 @@ struct Counts {
 }
 
 #[derive(Clone, Default)]
-struct Sink(Arc<Counts>);
+struct Sink {
+    counts: Arc<Counts>,
+    /// How long each export waits before its answer.
+    delay: Option<std::time::Duration>,
+}
+
+impl Sink {
+    async fn answer_late(&self) {
+        if let Some(d) = self.delay {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Sink {
@@ -56,8 +71,9 @@ impl TraceService for Sink {
             .flat_map(|r| &r.scope_spans)
             .map(|s| s.spans.len())
             .sum();
-        self.0.trace_requests.fetch_add(1, Ordering::Relaxed);
-        self.0.spans.fetch_add(spans as u64, Ordering::Relaxed);
+        self.counts.trace_requests.fetch_add(1, Ordering::Relaxed);
+        self.counts.spans.fetch_add(spans as u64, Ordering::Relaxed);
+        self.answer_late().await;
         Ok(Response::new(ExportTraceServiceResponse::default()))
     }
 }
@@ -84,10 +100,11 @@ impl MetricsService for Sink {
                 None => 0,
             })
             .sum();
-        self.0.metric_requests.fetch_add(1, Ordering::Relaxed);
-        self.0
+        self.counts.metric_requests.fetch_add(1, Ordering::Relaxed);
+        self.counts
             .metric_points
             .fetch_add(points as u64, Ordering::Relaxed);
+        self.answer_late().await;
         Ok(Response::new(ExportMetricsServiceResponse::default()))
     }
 }
@@ -105,10 +122,11 @@ impl LogsService for Sink {
             .flat_map(|r| &r.scope_logs)
             .map(|s| s.log_records.len())
             .sum();
-        self.0.log_requests.fetch_add(1, Ordering::Relaxed);
-        self.0
+        self.counts.log_requests.fetch_add(1, Ordering::Relaxed);
+        self.counts
             .log_records
             .fetch_add(records as u64, Ordering::Relaxed);
+        self.answer_late().await;
         Ok(Response::new(ExportLogsServiceResponse::default()))
     }
 }
@@ -122,11 +140,19 @@ pub async fn run(args: SinkArgs) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let sink = Sink::default();
+    let sink = Sink {
+        delay: args.delay,
+        ..Sink::default()
+    };
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "otlp-sink listening on {addr}");
+        let behaviour = match (args.blackhole, args.delay) {
+            (true, _) => " (blackhole: connections accepted, never answered)".to_owned(),
+            (false, Some(d)) => format!(" (every export answered after {d:?})"),
+            (false, None) => String::new(),
+        };
+        let _ = writeln!(out, "otlp-sink listening on {addr}{behaviour}");
         let _ = out.flush();
     }
     let stop = async move {
@@ -142,18 +168,30 @@ pub async fn run(args: SinkArgs) -> Result<(), String> {
             _ = limit => {}
         }
     };
-    tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(sink.clone()))
-        .add_service(MetricsServiceServer::new(sink.clone()))
-        .add_service(LogsServiceServer::new(sink.clone()))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
-        .await
-        .map_err(|e| format!("OTLP server failed: {e}"))?;
-    let c = &sink.0;
+    let mut held = 0u64;
+    if args.blackhole {
+        let mut sockets = Vec::new();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                accepted = listener.accept() => if let Ok((socket, _)) = accepted {
+                    sockets.push(socket);
+                    held += 1;
+                },
+            }
+        }
+    } else {
+        serve(listener, sink.clone(), stop).await?;
+    }
+    let c = &sink.counts;
     let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let summary = json!({
         "mode": "otlp-sink",
         "listen": addr.to_string(),
+        "blackhole": args.blackhole,
+        "delay_ms": args.delay.map(|d| d.as_millis() as u64),
+        "connections_held": held,
         "trace_requests": get(&c.trace_requests),
         "spans": get(&c.spans),
         "metric_requests": get(&c.metric_requests),
@@ -174,5 +212,20 @@ pub async fn run(args: SinkArgs) -> Result<(), String> {
             get(&c.log_records)
         );
     }
+    Ok(())
+}
+
+async fn serve(
+    listener: TcpListener,
+    sink: Sink,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
+    tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(sink.clone()))
+        .add_service(MetricsServiceServer::new(sink.clone()))
+        .add_service(LogsServiceServer::new(sink.clone()))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), stop)
+        .await
+        .map_err(|e| format!("OTLP server failed: {e}"))?;
     Ok(())
 }
