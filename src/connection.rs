@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::rooms::Rooms;
 use crate::telemetry::traces::Handling;
 use crate::telemetry::{
-    CloseReason, Direction, DropReason, ErrorType, Events, MessageSpans, MessageType, Route,
-    RouteInstruments,
+    CloseReason, Direction, DropReason, ErrorType, Events, MessageType, Route, RouteInstruments,
+    Spans,
 };
-use opentelemetry::trace::TraceContextExt;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, TraceContextExt};
 
 /// Close codes the server sends (RFC 6455 section 7.4.1).
 pub mod close_code {
@@ -60,9 +60,9 @@ pub struct ConnectionContext {
     /// What this connection does with data messages.
     pub kind: ConnectionKind,
     /// The connection's span, made in the upgrade request's span so it is its child.
-    pub span: tracing::Span,
+    pub span: ConnectionSpan,
     /// Message-level spans, when traces are exported.
-    pub message_spans: Option<Arc<MessageSpans>>,
+    pub spans: Option<Arc<Spans>>,
 }
 
 /// Echo or room member.
@@ -184,38 +184,28 @@ impl Heartbeat {
     }
 }
 
-/// The connection's span, a child of the upgrade request's span in the trace. The close code,
-/// reason and totals are recorded on it when the connection ends.
-///
-/// It is a root in `tracing`'s own tree and gets its OpenTelemetry parent explicitly: a
-/// `tracing` parent would keep the upgrade span's data alive for the connection's whole life
-/// (some 700 bytes per idle connection), while the OpenTelemetry parent is only ids.
-pub fn connection_span(id: u64, route: Route, room: Option<&str>) -> tracing::Span {
-    let upgrade = tracing::Span::current().context();
-    let span = tracing::info_span!(
-        parent: None,
-        "websocket.connection",
-        connection.id = id as i64,
-        http.route = route.as_str(),
-        websocket.room = room,
-        websocket.close.code = tracing::field::Empty,
-        websocket.close.reason = tracing::field::Empty,
-        websocket.messages.received = tracing::field::Empty,
-        websocket.messages.sent = tracing::field::Empty,
-        websocket.bytes.received = tracing::field::Empty,
-        websocket.bytes.sent = tracing::field::Empty,
-    );
-    // Fails harmlessly when traces are not exported (no OpenTelemetry layer).
-    let _ = span.set_parent(upgrade);
-    span
+/// The connection's span (when traces are exported), a child of the upgrade request's span:
+/// an OpenTelemetry span the connection holds for its life, ended with the close code, reason
+/// and totals (see `telemetry::traces` for why it is not a `tracing` span). Boxed: an idle
+/// connection without traces pays one pointer for it.
+pub type ConnectionSpan = Option<Box<opentelemetry_sdk::trace::Span>>;
+
+/// Runs `log` with the connection span's context current, so what it logs carries the span's
+/// trace and span ids (in OTel log records and JSON lines).
+fn in_span<R>(span: Option<&opentelemetry_sdk::trace::Span>, log: impl FnOnce() -> R) -> R {
+    let _current = span.map(|s| {
+        opentelemetry::Context::new()
+            .with_remote_span_context(s.span_context().clone())
+            .attach()
+    });
+    log()
 }
 
 /// Serves one upgraded connection until it closes.
 ///
-/// The connection span is *not* entered on every poll (`.instrument`): entering and leaving a
-/// span per wake-up costs a thread-local push, an OpenTelemetry context switch and a clock read,
-/// per message. It is entered only around what the connection logs, so its log records still
-/// carry its ids, and it lasts from the upgrade to the end of this future.
+/// The connection span is *not* made current on every poll: that would cost a thread-local
+/// push and pop per wake-up, per message. It is made current only around what the connection
+/// logs, so its log records still carry its ids.
 pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     let ConnectionContext {
         id,
@@ -225,20 +215,16 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
         ping_interval,
         pong_timeout,
         kind,
-        span,
-        message_spans,
+        mut span,
+        spans,
     } = ctx;
-    // Message spans link to this connection's span (starting it if it has not started).
-    let connection_context = message_spans
-        .as_ref()
-        .map(|_| span.context().span().span_context().clone());
     let guard = events.connection_opened(route);
     let mut link = Link {
         socket,
         events: &events,
         route: guard.instruments(),
         totals: Totals::default(),
-        span: &span,
+        span: span.as_deref(),
         // Room members get a token of their own, so the room can kick them as slow
         // consumers; echo connections share the server's (no allocation per connection).
         stop: match kind {
@@ -254,7 +240,9 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
             (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
         }
     };
-    span.in_scope(|| tracing::debug!(connection.id = id as i64, "connection opened"));
+    in_span(link.span, || {
+        tracing::debug!(connection.id = id as i64, "connection opened")
+    });
 
     let mut heartbeat = Heartbeat::new(ping_interval, pong_timeout);
     let sleep = tokio::time::sleep_until(heartbeat.deadline().into());
@@ -306,7 +294,9 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                     } else {
                         link.events
                             .error(link.route.route(), ErrorType::SlowConsumer);
-                        tracing::warn!(connection.id = id as i64, "slow consumer disconnected");
+                        in_span(link.span, || {
+                            tracing::warn!(connection.id = id as i64, "slow consumer disconnected")
+                        });
                         Ending::server(
                             CloseReason::SlowConsumer,
                             close_code::POLICY_VIOLATION,
@@ -328,7 +318,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                     inject_fault(&msg);
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
-                            let traced = message_spans.as_ref().filter(|m| m.sample());
+                            let traced = spans.as_ref().filter(|m| m.sample());
                             let (kind, size) = kind_and_len(&msg);
                             let feed = membership.is_none() && batch.feeding();
                             let (handled, handling) = match &membership {
@@ -346,12 +336,11 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                             };
                             batch.unflushed |= feed;
                             link.route.message_handled(received_at);
-                            if let (Some(spans), Some(conn)) = (traced, connection_context.as_ref())
-                            {
+                            if let (Some(spans), Some(conn)) = (traced, link.span) {
                                 let start = SystemTime::now() - received_at.elapsed();
                                 spans.record(
                                     start,
-                                    conn,
+                                    conn.span_context(),
                                     id,
                                     link.route.route(),
                                     kind,
@@ -408,7 +397,9 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                     if heartbeat.outstanding.is_some() {
                         link.events
                             .error(link.route.route(), ErrorType::HeartbeatTimeout);
-                        tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong");
+                        in_span(link.span, || {
+                            tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong")
+                        });
                         // The peer is presumed dead: no Close handshake to wait for.
                         break Ending::client(CloseReason::HeartbeatTimeout);
                     }
@@ -436,7 +427,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
         Ok(ending) => ending,
         Err(panic) => {
             link.events.error(link.route.route(), ErrorType::Panic);
-            span.in_scope(|| {
+            in_span(link.span, || {
                 tracing::error!(
                     connection.id = id as i64,
                     panic = panic_message(&*panic),
@@ -456,6 +447,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     }
 
     // Leave the room first, so nothing new is queued, then count what never went out.
+    let room = membership.as_ref().map(|m| m.name().to_owned());
     drop(membership);
     if let Some(mut rx) = rx {
         rx.close();
@@ -473,27 +465,35 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     drop(link);
 
     let reason = ending.reason;
-    let _entered = span.enter();
-    if let Some(code) = ending.code() {
-        span.record("websocket.close.code", i64::from(code));
-    }
-    span.record("websocket.close.reason", reason.as_str());
-    span.record("websocket.messages.received", totals.messages_in as i64);
-    span.record("websocket.messages.sent", totals.messages_out as i64);
-    span.record("websocket.bytes.received", totals.bytes_in as i64);
-    span.record("websocket.bytes.sent", totals.bytes_out as i64);
     let lifetime = guard.closed(reason);
-    tracing::info!(
-        connection.id = id as i64,
-        websocket.close.code = ending.code().map(i64::from),
-        websocket.close.reason = reason.as_str(),
-        duration_ms = lifetime.as_millis() as i64,
-        messages_in = totals.messages_in as i64,
-        messages_out = totals.messages_out as i64,
-        bytes_in = totals.bytes_in as i64,
-        bytes_out = totals.bytes_out as i64,
-        "connection closed"
-    );
+    in_span(span.as_deref(), || {
+        tracing::info!(
+            connection.id = id as i64,
+            http.route = route.as_str(),
+            websocket.room = room.as_deref(),
+            websocket.close.code = ending.code().map(i64::from),
+            websocket.close.reason = reason.as_str(),
+            duration_ms = lifetime.as_millis() as i64,
+            messages_in = totals.messages_in as i64,
+            messages_out = totals.messages_out as i64,
+            bytes_in = totals.bytes_in as i64,
+            bytes_out = totals.bytes_out as i64,
+            "connection closed"
+        )
+    });
+    if let Some(span) = span.as_mut() {
+        if let Some(code) = ending.code() {
+            span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
+        }
+        span.set_attributes([
+            KeyValue::new("websocket.close.reason", reason.as_str()),
+            KeyValue::new("websocket.messages.received", totals.messages_in as i64),
+            KeyValue::new("websocket.messages.sent", totals.messages_out as i64),
+            KeyValue::new("websocket.bytes.received", totals.bytes_in as i64),
+            KeyValue::new("websocket.bytes.sent", totals.bytes_out as i64),
+        ]);
+        span.end();
+    }
 }
 
 /// The text of a panic's payload (`panic!` with a literal or a format string).
@@ -584,8 +584,8 @@ struct Link<'a> {
     events: &'a Events,
     route: &'a RouteInstruments,
     totals: Totals,
-    /// The connection span, entered only to log.
-    span: &'a tracing::Span,
+    /// The connection span, made current only to log.
+    span: Option<&'a opentelemetry_sdk::trace::Span>,
     /// Cancelled on server shutdown, or to kick a slow consumer.
     stop: CancellationToken,
 }
@@ -682,8 +682,7 @@ impl Link<'_> {
     }
 
     fn classify(&self, err: axum::Error) -> Ending {
-        self.span
-            .in_scope(|| classify_error(self.events, self.route, err))
+        in_span(self.span, || classify_error(self.events, self.route, err))
     }
 }
 

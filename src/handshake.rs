@@ -25,7 +25,7 @@ use crate::connection::{self, ConnectionContext, ConnectionKind};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
 use crate::telemetry::traces::remote_parent;
-use crate::telemetry::{ErrorType, Events, MessageSpans, RejectReason, Route};
+use crate::telemetry::{ErrorType, Events, RejectReason, Route, Spans};
 
 /// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
 /// zero-filled before every read) dominated both idle memory and echo CPU (../shared/FACTS.md).
@@ -50,7 +50,7 @@ struct WsInner {
     shutdown: CancellationToken,
     next_id: AtomicU64,
     allowed_origins: Vec<String>,
-    message_spans: Option<Arc<MessageSpans>>,
+    spans: Option<Arc<Spans>>,
 }
 
 impl WsState {
@@ -58,10 +58,10 @@ impl WsState {
     pub fn new(
         config: Config,
         events: Events,
-        message_spans: Option<MessageSpans>,
+        spans: Option<Spans>,
         shutdown: CancellationToken,
     ) -> Self {
-        let message_spans = message_spans.map(Arc::new);
+        let spans = spans.map(Arc::new);
         let allowed_origins = config
             .allowed_origins
             .iter()
@@ -75,7 +75,7 @@ impl WsState {
                 shutdown,
                 next_id: AtomicU64::new(1),
                 allowed_origins,
-                message_spans,
+                spans,
                 config,
             }),
         }
@@ -209,7 +209,9 @@ fn upgrade(
     };
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     // Made here, inside the upgrade span, so the connection span is its child.
-    let span = connection::connection_span(id, route, kind.room());
+    let span = s.spans.as_ref().map(|spans| {
+        Box::new(spans.connection(&tracing::Span::current().context(), id, route, kind.room()))
+    });
     let pending = Box::new(Pending {
         ctx: ConnectionContext {
             id,
@@ -220,7 +222,7 @@ fn upgrade(
             pong_timeout: config.pong_timeout,
             kind,
             span,
-            message_spans: s.message_spans.clone(),
+            spans: s.spans.clone(),
         },
         permit,
     });

@@ -61,7 +61,7 @@ pub async fn run(
     let state = WsState::new(
         config,
         telemetry.events().clone(),
-        telemetry.message_spans().cloned(),
+        telemetry.spans().cloned(),
         draining.clone(),
     );
     let ws_router = handshake::router(state.clone());

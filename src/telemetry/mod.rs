@@ -26,7 +26,7 @@ use opentelemetry_sdk::resource::{
 pub use instruments::{ConnectionGuard, Events, RouteInstruments};
 pub use labels::{CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route};
 pub use settings::OtlpSettings;
-pub use traces::MessageSpans;
+pub use traces::Spans;
 
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -60,7 +60,7 @@ pub struct Telemetry {
     meter_provider: SdkMeterProvider,
     tracer_provider: Option<SdkTracerProvider>,
     logger_provider: Option<SdkLoggerProvider>,
-    message_spans: Option<MessageSpans>,
+    spans: Option<Spans>,
     registry: prometheus::Registry,
     events: Events,
     settings: OtlpSettings,
@@ -107,10 +107,13 @@ impl Telemetry {
             otlp::tracer_provider(settings, &resource).map_err(TelemetryError::Config)?;
         let logger_provider =
             otlp::logger_provider(settings, &resource).map_err(TelemetryError::Config)?;
-        let message_spans = tracer_provider
-            .as_ref()
-            .filter(|_| settings.sampler.samples_roots())
-            .map(|tp| MessageSpans::new(tp, settings.sampler.sampler()));
+        let spans = tracer_provider.as_ref().map(|tp| {
+            Spans::new(
+                tp,
+                settings.sampler.sampler(),
+                settings.sampler.samples_roots(),
+            )
+        });
         let meter = meter_provider.meter_with_scope(
             opentelemetry::InstrumentationScope::builder(SCOPE)
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -123,7 +126,7 @@ impl Telemetry {
             meter_provider,
             tracer_provider,
             logger_provider,
-            message_spans,
+            spans,
             registry,
             events,
             settings: settings.clone(),
@@ -145,9 +148,9 @@ impl Telemetry {
         self.logger_provider.as_ref()
     }
 
-    /// Message-level spans, when traces are exported and the sampler can sample roots.
-    pub fn message_spans(&self) -> Option<&MessageSpans> {
-        self.message_spans.as_ref()
+    /// Connection and message spans, when traces are exported.
+    pub fn spans(&self) -> Option<&Spans> {
+        self.spans.as_ref()
     }
 
     /// The recording handle the server uses.

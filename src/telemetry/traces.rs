@@ -3,7 +3,12 @@
 //! - The upgrade request gets a `SERVER` span (HTTP semantic conventions) whose parent is the
 //!   W3C `traceparent` the client sent; a malformed header starts a new trace.
 //! - The connection span (`websocket.connection`) is the upgrade span's child and lasts as long
-//!   as the connection; it ends with the close code, reason and totals.
+//!   as the connection; it ends with the close code, reason and totals. It is an OpenTelemetry
+//!   span held by the connection, not a `tracing` span: the `tracing` registry keeps a pooled
+//!   slot (and its small extension map) for every span that was ever open at once, and after a
+//!   storm of 19,000 connections those ~20,000 live 150-byte maps, scattered through freed
+//!   connection buffers, kept ~45 MB of pages resident. The connection's log lines get its ids
+//!   by making its context current while they are written.
 //! - Each handled message may get a span of its own, sampled by the configured sampler. A
 //!   long-lived connection must not grow one unbounded trace, so message spans are **roots of
 //!   their own traces, linked to the connection span**. They are built with the OpenTelemetry
@@ -29,12 +34,18 @@ use super::labels::{MessageType, Route};
 /// The span name of message spans.
 pub const MESSAGE_SPAN: &str = "websocket.message";
 
-/// Starts message spans, deciding sampling first.
+/// The span name of connection spans.
+pub const CONNECTION_SPAN: &str = "websocket.connection";
+
+/// Starts connection spans, and message spans deciding sampling first.
 #[derive(Clone, Debug)]
-pub struct MessageSpans {
+pub struct Spans {
     tracer: SdkTracer,
     sampler: Sampler,
     ids: RandomIdGenerator,
+    /// False when the sampler can never sample a root (ratio 0, always off): then no message
+    /// is even asked about.
+    messages: bool,
 }
 
 /// What was done with a message, for its span.
@@ -49,18 +60,45 @@ pub enum Handling {
     },
 }
 
-impl MessageSpans {
-    pub(crate) fn new(provider: &SdkTracerProvider, sampler: Sampler) -> Self {
-        MessageSpans {
+impl Spans {
+    pub(crate) fn new(provider: &SdkTracerProvider, sampler: Sampler, messages: bool) -> Self {
+        Spans {
             tracer: provider.tracer("wsotel"),
             sampler,
             ids: RandomIdGenerator::default(),
+            messages,
         }
+    }
+
+    /// Starts a connection's span, a child of `parent` (the upgrade request's span). The
+    /// configured sampler decides now; an unsampled span still has ids, for links and logs.
+    pub fn connection(
+        &self,
+        parent: &Context,
+        id: u64,
+        route: Route,
+        room: Option<&str>,
+    ) -> opentelemetry_sdk::trace::Span {
+        let mut attributes = vec![
+            KeyValue::new("connection.id", id as i64),
+            KeyValue::new("http.route", route.as_str()),
+        ];
+        if let Some(room) = room {
+            attributes.push(KeyValue::new("websocket.room", room.to_owned()));
+        }
+        self.tracer
+            .span_builder(CONNECTION_SPAN)
+            .with_kind(SpanKind::Internal)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, parent)
     }
 
     /// Whether the next message gets a span, by the configured sampler.
     #[inline]
     pub fn sample(&self) -> bool {
+        if !self.messages {
+            return false;
+        }
         let result = self.sampler.should_sample(
             None,
             self.ids.new_trace_id(),
@@ -116,7 +154,7 @@ impl MessageSpans {
 }
 
 /// The provider's sampler: the configured one for every span except message spans without a
-/// parent, which [`MessageSpans::sample`] has already sampled with the configured one.
+/// parent, which [`Spans::sample`] has already sampled with the configured one.
 #[derive(Clone, Debug)]
 pub struct MessageAwareSampler {
     inner: Sampler,
