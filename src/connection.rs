@@ -240,9 +240,11 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
             (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
         }
     };
-    in_span(link.span, || {
-        tracing::debug!(connection.id = id as i64, "connection opened")
-    });
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        in_span(link.span, || {
+            tracing::debug!(connection.id = id as i64, "connection opened")
+        });
+    }
 
     let mut heartbeat = Heartbeat::new(ping_interval, pong_timeout);
     let sleep = tokio::time::sleep_until(heartbeat.deadline().into());
@@ -447,7 +449,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     }
 
     // Leave the room first, so nothing new is queued, then count what never went out.
-    let room = membership.as_ref().map(|m| m.name().to_owned());
+    let room = membership.as_ref().map(|m| m.room_name().to_owned());
     drop(membership);
     if let Some(mut rx) = rx {
         rx.close();
@@ -481,7 +483,10 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
             "connection closed"
         )
     });
-    if let Some(span) = span.as_mut() {
+    if let Some(span) = span.as_mut().filter(|s| s.is_recording()) {
+        if reason == CloseReason::InternalError {
+            span.set_status(opentelemetry::trace::Status::error(reason.as_str()));
+        }
         if let Some(code) = ending.code() {
             span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
         }
@@ -492,6 +497,8 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
             KeyValue::new("websocket.bytes.received", totals.bytes_in as i64),
             KeyValue::new("websocket.bytes.sent", totals.bytes_out as i64),
         ]);
+    }
+    if let Some(span) = span.as_mut() {
         span.end();
     }
 }
@@ -505,8 +512,13 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
         .unwrap_or("(non-string panic payload)")
 }
 
+#[cfg(all(feature = "fault-injection", not(debug_assertions)))]
+compile_error!(
+    "`fault-injection` lets any client panic a connection: it is for debug test builds only"
+);
+
 /// The text message that panics its connection's handler, with the test-only
-/// `fault-injection` feature (never in a release build).
+/// `fault-injection` feature (a release build with it does not compile).
 #[cfg(feature = "fault-injection")]
 pub const PANIC_TRIGGER: &str = "wsotel-fault:panic";
 

@@ -52,13 +52,6 @@ pub struct Membership {
     id: u64,
 }
 
-impl Membership {
-    /// The room's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
-
 /// What one broadcast did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Delivery {

@@ -53,8 +53,9 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let mut newcomer = connect(&url("/ws/rooms/lobby")).await;
-    let mut echo_late = connect(&url("/ws/echo")).await;
+    // (The gauge drops just before the slot is released: retry a 503 for a moment.)
+    let mut newcomer = connect_retrying(&url("/ws/rooms/lobby")).await;
+    let mut echo_late = connect_retrying(&url("/ws/echo")).await;
     assert_eq!(
         refused_status(url("/ws/echo")).await,
         503,
@@ -143,4 +144,20 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
         !lines.iter().any(|l| l.contains("connection task panicked")),
         "the panic never escaped the connection's handler"
     );
+}
+
+/// Connects, retrying a 503 (connection limit) for up to 5 s.
+async fn connect_retrying(url: &str) -> Client {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _)) => return ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(r))
+                if r.status() == 503 && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
 }

@@ -800,7 +800,7 @@ async fn restarted_collector_exports_resume_with_cumulative_counts() {
     let first = Receiver::default();
     let first_process = first.serve_grpc_process(l);
     let server = start_with_env(
-        &[],
+        &["--log-format", "json"],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
@@ -831,8 +831,41 @@ async fn restarted_collector_exports_resume_with_cumulative_counts() {
     assert_eq!(received_text(&first), 10.0, "the first saw only its share");
 
     server.sigterm();
-    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+    let (code, lines) = tokio::task::spawn_blocking(move || server.wait())
         .await
         .unwrap();
     assert_eq!(code, 0);
+
+    // Stdout JSON lines of a connection carry its span's ids: those of a connection span that
+    // reached one of the two receivers (the ones ended during the outage were lost with it).
+    let connection_spans: std::collections::HashSet<(String, String)> = first
+        .spans()
+        .into_iter()
+        .chain(second.spans())
+        .filter(|(_, s)| s.name == "websocket.connection")
+        .map(|(_, s)| (hex(&s.trace_id), hex(&s.span_id)))
+        .collect();
+    let closed: Vec<serde_json::Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "connection closed")
+        .collect();
+    assert_eq!(closed.len(), 3, "{lines:#?}");
+    let ids: Vec<(String, String)> = closed
+        .iter()
+        .map(|v| {
+            (
+                v["trace_id"].as_str().unwrap_or_default().to_owned(),
+                v["span_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        ids.iter().all(|(t, s)| t.len() == 32 && s.len() == 16),
+        "{closed:#?}"
+    );
+    assert!(
+        ids.iter().any(|id| connection_spans.contains(id)),
+        "the closing lines' ids are the connection spans' ids: {ids:?} vs {connection_spans:?}"
+    );
 }

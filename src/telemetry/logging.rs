@@ -91,25 +91,45 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
         .with_max_level(log::LevelFilter::Warn)
         .init();
     // A panic is logged like everything else (a text or JSON line, an OTel log record), not
-    // as raw text on stderr; with `RUST_BACKTRACE=1` the backtrace goes with it.
-    std::panic::set_hook(Box::new(|info| {
-        let location = info.location().map(ToString::to_string).unwrap_or_default();
-        let backtrace = std::backtrace::Backtrace::capture();
-        let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
-            .then(|| backtrace.to_string());
-        tracing::error!(
-            panic = crate::connection::panic_message(info.payload()),
-            panic.location = %location,
-            panic.thread = std::thread::current().name().unwrap_or("unnamed"),
-            backtrace,
-            "panicked"
-        );
+    // as raw text on stderr; with `RUST_BACKTRACE=1` the backtrace goes with it. The standard
+    // hook still reports it when error logs are filtered out, or when the panic happened
+    // inside logging itself (logging it again could deadlock or abort).
+    let standard = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        thread_local! {
+            static IN_HOOK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        let reentered = IN_HOOK.try_with(|h| h.replace(true)).unwrap_or(true);
+        if reentered || !tracing::enabled!(Level::ERROR) {
+            standard(info);
+        } else {
+            log_panic(info);
+        }
+        if !reentered {
+            let _ = IN_HOOK.try_with(|h| h.set(false));
+        }
     }));
+}
+
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let location = info.location().map(ToString::to_string).unwrap_or_default();
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| backtrace.to_string());
+    tracing::error!(
+        panic = crate::connection::panic_message(info.payload()),
+        panic.location = %location,
+        panic.thread = std::thread::current().name().unwrap_or("unnamed"),
+        backtrace,
+        "panicked"
+    );
 }
 
 /// The OTel log bridge until the logger provider shuts down. A wrapping layer, not a filter:
 /// a per-layer filter whose `event_enabled` says no leaves tracing-subscriber's filter state
-/// dirty (a debug assertion fires).
+/// dirty (a debug assertion fires). Only `on_event` is forwarded, all the bridge uses with its
+/// default features; its `experimental_span_attributes` feature would need `on_new_span` and
+/// `on_record` forwarded too.
 struct UntilLoggerShutdown<L>(L);
 
 impl<S: Subscriber, L: Layer<S>> Layer<S> for UntilLoggerShutdown<L> {

@@ -71,7 +71,8 @@ impl Spans {
     }
 
     /// Starts a connection's span, a child of `parent` (the upgrade request's span). The
-    /// configured sampler decides now; an unsampled span still has ids, for links and logs.
+    /// configured sampler decides now; an unsampled span still has ids, for links and logs,
+    /// and costs no attributes.
     pub fn connection(
         &self,
         parent: &Context,
@@ -79,18 +80,19 @@ impl Spans {
         route: Route,
         room: Option<&str>,
     ) -> opentelemetry_sdk::trace::Span {
-        let mut attributes = vec![
-            KeyValue::new("connection.id", id as i64),
-            KeyValue::new("http.route", route.as_str()),
-        ];
-        if let Some(room) = room {
-            attributes.push(KeyValue::new("websocket.room", room.to_owned()));
-        }
-        self.tracer
+        let mut span = self
+            .tracer
             .span_builder(CONNECTION_SPAN)
             .with_kind(SpanKind::Internal)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, parent)
+            .start_with_context(&self.tracer, parent);
+        if span.is_recording() {
+            span.set_attribute(KeyValue::new("connection.id", id as i64));
+            span.set_attribute(KeyValue::new("http.route", route.as_str()));
+            if let Some(room) = room {
+                span.set_attribute(KeyValue::new("websocket.room", room.to_owned()));
+            }
+        }
+        span
     }
 
     /// Whether the next message gets a span, by the configured sampler.

@@ -175,9 +175,13 @@ pub async fn run(args: SinkArgs) -> Result<(), String> {
         loop {
             tokio::select! {
                 _ = &mut stop => break,
-                accepted = listener.accept() => if let Ok((socket, _)) = accepted {
-                    sockets.push(socket);
-                    held += 1;
+                accepted = listener.accept() => match accepted {
+                    Ok((socket, _)) => {
+                        sockets.push(socket);
+                        held += 1;
+                    }
+                    // Out of descriptors, say: do not spin on it.
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
                 },
             }
         }
