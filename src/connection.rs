@@ -620,13 +620,13 @@ impl Link<'_> {
         Some(msg)
     }
 
-    /// Sends a data message and counts it once it is written. When the connection is stopped
-    /// while the send is blocked on a client that does not read, the message is lost (counted
-    /// as dropped) and the loop's stop branch decides the reason on its next turn.
+    /// Sends a data message: hands it to the writer, where it counts as transmitted (like a fed
+    /// one: a Close sent later goes out after it), then writes it out. When the connection is
+    /// stopped while the writer has no room for it (a client that does not read), it is lost
+    /// (counted as dropped) and the loop's stop branch decides the reason on its next turn.
     async fn send_data(&mut self, msg: Message) -> Result<(), Ending> {
-        let (kind, len) = kind_and_len(&msg);
-        let sent = with_stop(&self.stop, self.socket.send(msg)).await;
-        self.sent(sent, kind, len)
+        self.feed_data(msg).await?;
+        self.flush().await
     }
 
     /// Like `send_data`, but leaves the frame in the socket's write buffer for a later
