@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::rooms::Rooms;
+use crate::telemetry::logging::panic_message;
 use crate::telemetry::traces::Handling;
 use crate::telemetry::{
     CloseReason, Direction, DropReason, ErrorType, Events, MessageType, Route, RouteInstruments,
@@ -61,7 +62,7 @@ pub struct ConnectionContext {
     pub kind: ConnectionKind,
     /// The connection's span, made in the upgrade request's span so it is its child.
     pub span: ConnectionSpan,
-    /// Message-level spans, when traces are exported.
+    /// Where message spans are made, when traces are exported.
     pub spans: Option<Arc<Spans>>,
 }
 
@@ -483,33 +484,24 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
             "connection closed"
         )
     });
-    if let Some(span) = span.as_mut().filter(|s| s.is_recording()) {
-        if reason == CloseReason::InternalError {
-            span.set_status(opentelemetry::trace::Status::error(reason.as_str()));
-        }
-        if let Some(code) = ending.code() {
-            span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
-        }
-        span.set_attributes([
-            KeyValue::new("websocket.close.reason", reason.as_str()),
-            KeyValue::new("websocket.messages.received", totals.messages_in as i64),
-            KeyValue::new("websocket.messages.sent", totals.messages_out as i64),
-            KeyValue::new("websocket.bytes.received", totals.bytes_in as i64),
-            KeyValue::new("websocket.bytes.sent", totals.bytes_out as i64),
-        ]);
-    }
     if let Some(span) = span.as_mut() {
+        if span.is_recording() {
+            if reason == CloseReason::InternalError {
+                span.set_status(opentelemetry::trace::Status::error(reason.as_str()));
+            }
+            if let Some(code) = ending.code() {
+                span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
+            }
+            span.set_attributes([
+                KeyValue::new("websocket.close.reason", reason.as_str()),
+                KeyValue::new("websocket.messages.received", totals.messages_in as i64),
+                KeyValue::new("websocket.messages.sent", totals.messages_out as i64),
+                KeyValue::new("websocket.bytes.received", totals.bytes_in as i64),
+                KeyValue::new("websocket.bytes.sent", totals.bytes_out as i64),
+            ]);
+        }
         span.end();
     }
-}
-
-/// The text of a panic's payload (`panic!` with a literal or a format string).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
-    payload
-        .downcast_ref::<&'static str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(non-string panic payload)")
 }
 
 #[cfg(all(feature = "fault-injection", not(debug_assertions)))]

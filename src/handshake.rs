@@ -261,7 +261,7 @@ impl Pending {
                     events.error(route, ErrorType::Panic);
                     tracing::error!(
                         connection.id = id as i64,
-                        panic = connection::panic_message(&*panic),
+                        panic = crate::telemetry::logging::panic_message(&*panic),
                         "connection task panicked"
                     );
                 }

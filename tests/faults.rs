@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::process::start;
+use common::otlp::{Receiver, attr, listener};
+use common::process::start_with_env;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -13,7 +14,19 @@ use wsotel::connection::PANIC_TRIGGER;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_ends_only_its_connection_and_is_counted() {
-    let server = start(&["--max-connections", "4"]);
+    let (l, collector) = listener().await;
+    let receiver = Receiver::default();
+    let _rx = receiver.serve_grpc(l);
+    let server = start_with_env(
+        &["--max-connections", "4"],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                &format!("http://{collector}"),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ],
+    );
     let url = |path: &str| format!("ws://{}{path}", server.ws);
 
     let mut echo_victim = connect(&url("/ws/echo")).await;
@@ -144,6 +157,30 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
         !lines.iter().any(|l| l.contains("connection task panicked")),
         "the panic never escaped the connection's handler"
     );
+
+    // Their connection spans (flushed at exit) end with error status and the reason.
+    let connections: Vec<_> = receiver
+        .spans()
+        .into_iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "websocket.connection")
+        .collect();
+    assert_eq!(connections.len(), 6, "{connections:#?}");
+    let failed: Vec<_> = connections
+        .iter()
+        .filter(|s| s.status.as_ref().is_some_and(|st| st.code == 2))
+        .collect();
+    assert_eq!(failed.len(), 2, "two with error status: {connections:#?}");
+    for s in failed {
+        assert_eq!(
+            attr(&s.attributes, "websocket.close.reason").as_deref(),
+            Some("internal_error")
+        );
+        assert_eq!(
+            attr(&s.attributes, "websocket.close.code").as_deref(),
+            Some("1011")
+        );
+    }
 }
 
 /// Connects, retrying a 503 (connection limit) for up to 5 s.

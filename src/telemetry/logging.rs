@@ -111,13 +111,22 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
     }));
 }
 
+/// The text of a panic's payload (`panic!` with a literal or a format string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&'static str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
+}
+
 fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let location = info.location().map(ToString::to_string).unwrap_or_default();
     let backtrace = std::backtrace::Backtrace::capture();
     let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
         .then(|| backtrace.to_string());
     tracing::error!(
-        panic = crate::connection::panic_message(info.payload()),
+        panic = panic_message(info.payload()),
         panic.location = %location,
         panic.thread = std::thread::current().name().unwrap_or("unnamed"),
         backtrace,

@@ -86,8 +86,10 @@ impl Spans {
             .with_kind(SpanKind::Internal)
             .start_with_context(&self.tracer, parent);
         if span.is_recording() {
-            span.set_attribute(KeyValue::new("connection.id", id as i64));
-            span.set_attribute(KeyValue::new("http.route", route.as_str()));
+            span.set_attributes([
+                KeyValue::new("connection.id", id as i64),
+                KeyValue::new("http.route", route.as_str()),
+            ]);
             if let Some(room) = room {
                 span.set_attribute(KeyValue::new("websocket.room", room.to_owned()));
             }

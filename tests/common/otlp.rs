@@ -167,14 +167,7 @@ impl Receiver {
 
     /// Waits (at most 20 s) until `pred` holds on what was received.
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&Received) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if pred(&self.received.lock().unwrap()) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(what, || pred(&self.received.lock().unwrap())).await
     }
 
     pub fn spans(&self) -> Vec<(Resource, Span)> {
