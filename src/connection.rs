@@ -9,18 +9,22 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{FutureExt, SinkExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::rooms::Rooms;
 use crate::telemetry::logging::panic_message;
 use crate::telemetry::traces::Handling;
 use crate::telemetry::{
-    CloseReason, Direction, DropReason, ErrorType, Events, MessageType, Route, RouteInstruments,
-    Spans,
+    CloseInitiator, CloseReason, Direction, DropReason, ErrorType, Events, MessageType, Route,
+    RouteInstruments, Spans,
 };
+use crate::upgrade::Socket;
+use crate::wire::{Discarded, discard_until_close};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, TraceContextExt};
 
@@ -42,6 +46,10 @@ pub mod close_code {
 
 /// How long the server waits for the client's reply to a Close it sent.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a read error, what the client still sends is discarded until its Close: at most the
+/// rest of a frame at the size limit and this much more. A client sending more than that is
+/// cut off without the rest of the handshake.
+const DISCARD_SLACK: u64 = 16 * 1024;
 
 /// What a connection needs from the server, besides its socket.
 pub struct ConnectionContext {
@@ -101,42 +109,56 @@ struct Totals {
     bytes_out: u64,
 }
 
-/// How the connection ended, and what to send the client about it.
+/// How the connection ended, who decided it, and what to send the client about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Ending {
     reason: CloseReason,
-    /// A Close frame to send, when the server is the one closing.
+    initiator: CloseInitiator,
+    /// A Close frame still to send, when the server is the one closing.
     close: Option<(u16, &'static str)>,
-    /// The code the client closed with, when it sent one.
-    client_code: Option<u16>,
+    /// The close code of the connection, whichever side sent the first Close.
+    code: Option<u16>,
 }
 
 impl Ending {
-    fn client(reason: CloseReason) -> Self {
+    /// The client went away without a Close (or after the closing handshake completed).
+    fn peer_gone(reason: CloseReason) -> Self {
         Ending {
             reason,
+            initiator: CloseInitiator::Client,
             close: None,
-            client_code: None,
+            code: None,
         }
     }
 
+    /// The client closed with `code`.
     fn client_close(code: Option<u16>) -> Self {
         Ending {
             reason: CloseReason::from_client_code(code),
+            initiator: CloseInitiator::Client,
             close: None,
-            client_code: code,
+            code,
         }
     }
 
-    /// The close code of the connection: sent by the server, else received from the client.
-    fn code(&self) -> Option<u16> {
-        self.close.map(|(c, _)| c).or(self.client_code)
+    /// The server ends the connection without a closing handshake: the peer is presumed dead
+    /// (heartbeat timeout) or the socket failed.
+    fn cut(reason: CloseReason) -> Self {
+        Ending {
+            reason,
+            initiator: CloseInitiator::Server,
+            close: None,
+            code: None,
+        }
     }
 
+    /// The server closes with `code`.
     fn server(reason: CloseReason, code: u16, text: &'static str) -> Self {
         Ending {
             reason,
+            initiator: CloseInitiator::Server,
             close: Some((code, text)),
-            client_code: None,
+            code: Some(code),
         }
     }
 }
@@ -207,7 +229,7 @@ fn in_span<R>(span: Option<&opentelemetry_sdk::trace::Span>, log: impl FnOnce() 
 /// The connection span is *not* made current on every poll: that would cost a thread-local
 /// push and pop per wake-up, per message. It is made current only around what the connection
 /// logs, so its log records still carry its ids.
-pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
+pub async fn serve(socket: Socket, ctx: ConnectionContext) {
     let ConnectionContext {
         id,
         route,
@@ -225,6 +247,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
         events: &events,
         route: guard.instruments(),
         totals: Totals::default(),
+        closes_received: 0,
         span: span.as_deref(),
         // Room members get a token of their own, so the room can kick them as slow
         // consumers; echo connections share the server's (no allocation per connection).
@@ -260,7 +283,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
             // Replies fed while more input was ready are flushed once none is: with many messages
             // in flight that is one write for many replies; with one, no extra read per message.
             let ready = if batch.unflushed {
-                match link.socket.recv().now_or_never() {
+                match link.socket.next().now_or_never() {
                     Some(item) => {
                         batch.hit();
                         Some(item)
@@ -281,7 +304,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                 None => tokio::select! {
                     biased;
                     _ = link.stop.cancelled() => Event::Stop,
-                    item = link.socket.recv() => Event::Incoming(item),
+                    item = link.socket.next() => Event::Incoming(item),
                     Some(out) = recv_queued(&mut rx) => Event::Queued(out),
                     _ = &mut sleep => Event::Heartbeat,
                 },
@@ -311,7 +334,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                     let msg = match incoming {
                         Some(Ok(msg)) => msg,
                         Some(Err(err)) => break link.classify(err),
-                        None => break Ending::client(CloseReason::ClientAborted),
+                        None => break Ending::peer_gone(CloseReason::ClientAborted),
                     };
                     let received_at = Instant::now();
                     let Some(msg) = link.received(msg) else {
@@ -366,16 +389,17 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                             // fed replies before it) and ends the stream.
                             link.route
                                 .message(Direction::Transmit, MessageType::Close, 0);
+                            let ending = link.client_closed(frame.as_ref());
                             // Boxed, like every rare await here: the connection future's size is
                             // its largest await's, paid by every idle connection.
                             let _ = Box::pin(tokio::time::timeout(
                                 CLOSE_REPLY_TIMEOUT,
-                                link.socket.recv(),
+                                link.socket.next(),
                             ))
                             .await;
-                            break Ending::client_close(frame.as_ref().map(|f| f.code));
+                            break ending;
                         }
-                        Message::Ping(_) => {}
+                        Message::Ping(_) | Message::Frame(_) => {}
                     }
                 }
                 Event::Queued(out) => {
@@ -404,7 +428,7 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
                             tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong")
                         });
                         // The peer is presumed dead: no Close handshake to wait for.
-                        break Ending::client(CloseReason::HeartbeatTimeout);
+                        break Ending::cut(CloseReason::HeartbeatTimeout);
                     }
                     heartbeat.seq += 1;
                     let payload = heartbeat.seq.to_be_bytes();
@@ -468,14 +492,15 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     drop(link);
 
     let reason = ending.reason;
-    let lifetime = guard.closed(reason);
+    let lifetime = guard.closed(reason, ending.initiator);
     in_span(span.as_deref(), || {
         tracing::info!(
             connection.id = id as i64,
             http.route = route.as_str(),
             websocket.room = room.as_deref(),
-            websocket.close.code = ending.code().map(i64::from),
+            websocket.close.code = ending.code.map(i64::from),
             websocket.close.reason = reason.as_str(),
+            websocket.close.initiator = ending.initiator.as_str(),
             duration_ms = lifetime.as_millis() as i64,
             messages_in = totals.messages_in as i64,
             messages_out = totals.messages_out as i64,
@@ -486,14 +511,15 @@ pub async fn serve(socket: WebSocket, ctx: ConnectionContext) {
     });
     if let Some(span) = span.as_mut() {
         if span.is_recording() {
-            if reason == CloseReason::InternalError {
+            if reason == CloseReason::InternalError && ending.initiator == CloseInitiator::Server {
                 span.set_status(opentelemetry::trace::Status::error(reason.as_str()));
             }
-            if let Some(code) = ending.code() {
+            if let Some(code) = ending.code {
                 span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
             }
             span.set_attributes([
                 KeyValue::new("websocket.close.reason", reason.as_str()),
+                KeyValue::new("websocket.close.initiator", ending.initiator.as_str()),
                 KeyValue::new("websocket.messages.received", totals.messages_in as i64),
                 KeyValue::new("websocket.messages.sent", totals.messages_out as i64),
                 KeyValue::new("websocket.bytes.received", totals.bytes_in as i64),
@@ -526,7 +552,7 @@ enum Event {
     /// Server shutdown, or kicked as a slow consumer.
     Stop,
     /// A message (or the end of the stream, or an error) from the client.
-    Incoming(Option<Result<Message, axum::Error>>),
+    Incoming(Option<Result<Message, tungstenite::Error>>),
     /// A room message queued for this member.
     Queued(Message),
     /// Time to ping, or the pong is overdue.
@@ -584,10 +610,12 @@ impl Batching {
 
 /// The socket with what counts its traffic.
 struct Link<'a> {
-    socket: WebSocket,
+    socket: Socket,
     events: &'a Events,
     route: &'a RouteInstruments,
     totals: Totals,
+    /// Close frames tungstenite has handed over (the wire's own count is in the socket's scan).
+    closes_received: u32,
     /// The connection span, made current only to log.
     span: Option<&'a opentelemetry_sdk::trace::Span>,
     /// Cancelled on server shutdown, or to kick a slow consumer.
@@ -600,6 +628,9 @@ impl Link<'_> {
     fn received(&mut self, msg: Message) -> Option<Message> {
         let (kind, len) = kind_and_len(&msg);
         self.route.message(Direction::Receive, kind, len);
+        if kind == MessageType::Close {
+            self.closes_received += 1;
+        }
         if kind.is_data() {
             self.totals.messages_in += 1;
             self.totals.bytes_in += len as u64;
@@ -632,7 +663,7 @@ impl Link<'_> {
 
     fn sent(
         &mut self,
-        result: Option<Result<(), axum::Error>>,
+        result: Option<Result<(), tungstenite::Error>>,
         kind: MessageType,
         len: usize,
     ) -> Result<(), Ending> {
@@ -660,32 +691,68 @@ impl Link<'_> {
         }
     }
 
-    /// Sends a Close and waits (bounded) for the client's reply. Data still in flight from
-    /// the client is read and counted as received, then discarded.
+    /// What the client's Close means. tungstenite answers a Close whose code a client may not
+    /// send (1005, 999...) with 1002 and hands over that 1002: the scan of the wire knows the
+    /// code the client really sent, so that is a protocol error the server found.
+    fn client_closed(&mut self, frame: Option<&CloseFrame>) -> Ending {
+        let delivered = frame.map(|f| u16::from(f.code));
+        let sent = self.socket.get_ref().scan().last_close_code();
+        match sent {
+            Some(code) if Some(code) != delivered && !CloseCode::from(code).is_allowed() => {
+                self.events.error(self.route.route(), ErrorType::Protocol);
+                Ending {
+                    reason: CloseReason::ProtocolError,
+                    initiator: CloseInitiator::Server,
+                    close: None,
+                    code: delivered,
+                }
+            }
+            _ => Ending::client_close(delivered),
+        }
+    }
+
+    /// Sends a Close and finishes the closing handshake, within [`CLOSE_REPLY_TIMEOUT`]. While
+    /// tungstenite still reads frames, what the client sends before its reply is read and
+    /// counted as received. Once it has stopped (the read error the server is closing for), the
+    /// rest is discarded frame by frame until the client's Close, which is counted, so the
+    /// client's kernel never turns unread data into a reset that would hide the Close from it.
     async fn close(&mut self, code: u16, text: &'static str) {
+        let deadline = tokio::time::Instant::now() + CLOSE_REPLY_TIMEOUT;
         let frame = CloseFrame {
-            code,
+            code: code.into(),
             reason: text.into(),
         };
-        let sent = tokio::time::timeout(
-            CLOSE_REPLY_TIMEOUT,
-            self.socket.send(Message::Close(Some(frame))),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout_at(deadline, self.socket.send(Message::Close(Some(frame)))).await;
         if !matches!(sent, Ok(Ok(()))) {
             return;
         }
         self.route
             .message(Direction::Transmit, MessageType::Close, 0);
-        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-            while let Some(Ok(msg)) = self.socket.recv().await {
+        let closes = self.closes_received;
+        let read = tokio::time::timeout_at(deadline, async {
+            while let Some(Ok(msg)) = self.socket.next().await {
                 self.received(msg);
             }
         })
         .await;
+        if read.is_err() || self.closes_received > closes {
+            return;
+        }
+        let limit = self.socket.get_config().max_frame_size.unwrap_or(0) as u64 + DISCARD_SLACK;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let io = self.socket.get_mut();
+        if discard_until_close(io, self.closes_received, limit, left).await == Discarded::Close {
+            let replies = io.scan().closes() - self.closes_received;
+            for _ in 0..replies {
+                self.route
+                    .message(Direction::Receive, MessageType::Close, 0);
+            }
+            self.closes_received += replies;
+        }
     }
 
-    fn classify(&self, err: axum::Error) -> Ending {
+    fn classify(&self, err: tungstenite::Error) -> Ending {
         in_span(self.span, || classify_error(self.events, self.route, err))
     }
 }
@@ -696,7 +763,7 @@ fn kind_and_len(msg: &Message) -> (MessageType, usize) {
         Message::Binary(b) => (MessageType::Binary, b.len()),
         Message::Ping(p) => (MessageType::Ping, p.len()),
         Message::Pong(p) => (MessageType::Pong, p.len()),
-        Message::Close(_) => (MessageType::Close, 0),
+        Message::Close(_) | Message::Frame(_) => (MessageType::Close, 0),
     }
 }
 
@@ -717,27 +784,24 @@ async fn recv_queued(rx: &mut Option<mpsc::Receiver<Message>>) -> Option<Message
 }
 
 /// Maps a socket error to a close reason, counts it, and says which Close to send.
-fn classify_error(events: &Events, route: &RouteInstruments, err: axum::Error) -> Ending {
+fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::Error) -> Ending {
     use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
-    let inner = err.into_inner();
-    let Some(ws) = inner.downcast_ref::<WsError>() else {
-        events.error(route.route(), ErrorType::Io);
-        return Ending::client(CloseReason::InternalError);
-    };
-    match ws {
-        WsError::ConnectionClosed | WsError::AlreadyClosed => Ending::client(CloseReason::Normal),
+    match &err {
+        WsError::ConnectionClosed | WsError::AlreadyClosed => {
+            Ending::peer_gone(CloseReason::Normal)
+        }
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            Ending::client(CloseReason::ClientAborted)
+            Ending::peer_gone(CloseReason::ClientAborted)
         }
         WsError::Io(e) => match e.kind() {
             std::io::ErrorKind::ConnectionReset
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::BrokenPipe
-            | std::io::ErrorKind::UnexpectedEof => Ending::client(CloseReason::ClientAborted),
+            | std::io::ErrorKind::UnexpectedEof => Ending::peer_gone(CloseReason::ClientAborted),
             _ => {
                 events.error(route.route(), ErrorType::Io);
                 tracing::warn!(error = %e, "connection I/O error");
-                Ending::client(CloseReason::InternalError)
+                Ending::cut(CloseReason::InternalError)
             }
         },
         WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
@@ -758,7 +822,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: axum::Error) -
         }
         WsError::Protocol(_) | WsError::Capacity(_) => {
             events.error(route.route(), ErrorType::Protocol);
-            tracing::info!(error = %ws, "protocol error");
+            tracing::info!(error = %err, "protocol error");
             Ending::server(
                 CloseReason::ProtocolError,
                 close_code::PROTOCOL_ERROR,

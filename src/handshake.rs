@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -26,6 +25,7 @@ use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
 use crate::telemetry::traces::remote_parent;
 use crate::telemetry::{ErrorType, Events, RejectReason, Route, Spans};
+use crate::upgrade::{Socket, UpgradeError, UpgradeRequest};
 
 /// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
 /// zero-filled before every read) dominated both idle memory and echo CPU (../shared/FACTS.md).
@@ -109,7 +109,7 @@ async fn echo(
     State(state): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
     upgrade(state, Route::Echo, None, peer, &headers, ws)
 }
@@ -119,7 +119,7 @@ async fn room(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
     upgrade(state, Route::Rooms, Some(name), peer, &headers, ws)
 }
@@ -131,6 +131,19 @@ fn reject(
     status: StatusCode,
     peer: SocketAddr,
 ) -> Response {
+    reject_with(events, route, reason, status, HeaderMap::new(), peer)
+}
+
+/// Counts and logs a refused handshake and answers it; the reason also travels with the
+/// response, so the upgrade span records it as `error.type`.
+fn reject_with(
+    events: &Events,
+    route: Route,
+    reason: RejectReason,
+    status: StatusCode,
+    headers: HeaderMap,
+    peer: SocketAddr,
+) -> Response {
     events.handshake_rejected(Some(route), reason);
     tracing::info!(
         http.route = route.as_str(),
@@ -139,7 +152,9 @@ fn reject(
         http.response.status_code = status.as_u16(),
         "handshake rejected"
     );
-    (status, reason.as_str()).into_response()
+    let mut response = (status, headers, reason.as_str()).into_response();
+    response.extensions_mut().insert(reason);
+    response
 }
 
 fn upgrade(
@@ -148,7 +163,7 @@ fn upgrade(
     room: Option<String>,
     peer: SocketAddr,
     headers: &HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
     let s = &state.inner;
     let events = &s.events;
@@ -183,9 +198,15 @@ fn upgrade(
     }
     let ws = match ws {
         Ok(ws) => ws,
-        Err(rejection) => {
-            let status = rejection.status();
-            return reject(events, route, RejectReason::BadRequest, status, peer);
+        Err(err) => {
+            return reject_with(
+                events,
+                route,
+                err.reason(),
+                err.status(),
+                err.headers(),
+                peer,
+            );
         }
     };
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
@@ -227,13 +248,13 @@ fn upgrade(
         permit,
     });
     let max = config.max_message_size;
-    ws.read_buffer_size(READ_BUFFER)
+    let socket_config = tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(WRITE_BUFFER + 2 * max + 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_failed_upgrade(|err| tracing::debug!(error = %err, "upgrade failed after 101"))
-        .on_upgrade(move |socket| pending.start(socket))
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    ws.accept(socket_config, move |socket| pending.start(socket))
 }
 
 /// Everything a connection needs once upgraded, in one allocation: axum keeps the upgrade
@@ -251,7 +272,7 @@ impl Pending {
     /// panic is counted here. Built from combinators, not an `async` block, so the connection
     /// future is stored once.
     #[allow(clippy::boxed_local)] // the box is what keeps axum's upgrade callback small
-    fn start(self: Box<Self>, socket: WebSocket) -> impl std::future::Future<Output = ()> {
+    fn start(self: Box<Self>, socket: Socket) -> impl std::future::Future<Output = ()> {
         let Pending { ctx, permit } = *self;
         let (id, route, events) = (ctx.id, ctx.route, ctx.events.clone());
         AssertUnwindSafe(connection::serve(socket, ctx))
@@ -275,7 +296,8 @@ const MAX_USER_AGENT: usize = 256;
 
 /// The upgrade request's `SERVER` span, with the HTTP semantic-convention attributes. Its parent
 /// is the client's W3C `traceparent`, when valid; a malformed one starts a new trace and never
-/// fails the upgrade. A refused handshake ends the span with error status and `error.type`.
+/// fails the upgrade. A refused handshake ends the span with error status and `error.type`;
+/// `user_agent.original` is present only when the request has a `User-Agent`.
 async fn upgrade_span(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
@@ -291,8 +313,8 @@ async fn upgrade_span(req: Request, next: Next) -> Response {
         .headers()
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
-        .map(|ua| ua.chars().take(MAX_USER_AGENT).collect::<String>())
-        .unwrap_or_default();
+        .filter(|ua| !ua.is_empty())
+        .map(|ua| ua.chars().take(MAX_USER_AGENT).collect::<String>());
     let method = req.method().as_str().to_owned();
     let span = tracing::info_span!(
         "http.server.request",
@@ -304,10 +326,13 @@ async fn upgrade_span(req: Request, next: Next) -> Response {
         url.scheme = "http",
         url.path = req.uri().path(),
         client.address = peer,
-        user_agent.original = user_agent,
+        user_agent.original = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,
     );
+    if let Some(ua) = user_agent {
+        span.record("user_agent.original", ua);
+    }
     if let Some(parent) = remote_parent(req.headers()) {
         let _ = span.set_parent(parent);
     }
@@ -316,6 +341,12 @@ async fn upgrade_span(req: Request, next: Next) -> Response {
     span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_client_error() || status.is_server_error() {
         span.record("otel.status_code", "error");
+        // A refusal of the handler's names its reason; any other (404, 405 from the router)
+        // the status code, as the HTTP semantic conventions say.
+        match response.extensions().get::<RejectReason>() {
+            Some(reason) => span.record("error.type", reason.as_str()),
+            None => span.record("error.type", status.as_str()),
+        };
     }
     response
 }

@@ -16,6 +16,8 @@ pub mod profiling;
 pub mod rooms;
 pub mod server;
 pub mod telemetry;
+pub mod upgrade;
+pub mod wire;
 
 pub use config::Config;
 pub use server::{ServerError, run};

@@ -3,15 +3,42 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-/// `(OTel name, Prometheus family, Prometheus type)` from the doc's instrument table.
-fn documented() -> Vec<(String, String, String)> {
+/// A documented instrument: OTel name, Prometheus family, Prometheus type, and the Prometheus
+/// labels its attributes become.
+type Row = (String, String, String, BTreeSet<String>);
+
+/// The attribute cell's names as Prometheus labels: the backticked names outside parentheses
+/// (what is inside them describes values), dots made underscores.
+fn labels_of(cell: &str) -> BTreeSet<String> {
+    let mut depth = 0;
+    let outside: String = cell
+        .chars()
+        .filter(|c| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => return depth == 0,
+            }
+            false
+        })
+        .collect();
+    outside
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| name.replace('.', "_"))
+        .collect()
+}
+
+/// The rows of the doc's instrument table.
+fn documented() -> Vec<Row> {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/metrics.md")).unwrap();
     let mut rows = Vec::new();
@@ -32,7 +59,7 @@ fn documented() -> Vec<(String, String, String)> {
         } else {
             panic!("unknown kind {kind:?} for {otel}")
         };
-        rows.push((otel, prom, prom_type.to_owned()));
+        rows.push((otel, prom, prom_type.to_owned(), labels_of(cells[5])));
     }
     rows
 }
@@ -78,9 +105,9 @@ async fn metrics_endpoint_matches_the_documented_catalog() {
 
     let doc: BTreeMap<&str, &str> = rows
         .iter()
-        .map(|(_, p, t)| (p.as_str(), t.as_str()))
+        .map(|(_, p, t, _)| (p.as_str(), t.as_str()))
         .collect();
-    for (otel, prom, kind) in &rows {
+    for (otel, prom, kind, _) in &rows {
         assert_eq!(
             m.types.get(prom).map(String::as_str),
             Some(kind.as_str()),
@@ -98,6 +125,44 @@ async fn metrics_endpoint_matches_the_documented_catalog() {
             "`{family}` ({kind}) is exposed but not documented in docs/metrics.md"
         );
     }
+    // Every label on a series is a documented attribute of its instrument (or the scope, a
+    // promoted resource attribute, or a histogram's `le`).
+    let common: BTreeSet<String> = [
+        "otel_scope_name",
+        "otel_scope_version",
+        "service_instance_id",
+        "cloud_region",
+        "le",
+    ]
+    .map(String::from)
+    .into();
+    for (otel, prom, _, attributes) in &rows {
+        let family = m.samples.iter().filter(|s| {
+            s.name == *prom
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| s.name.strip_suffix(suffix) == Some(prom.as_str()))
+        });
+        for sample in family {
+            for label in sample.labels.keys() {
+                assert!(
+                    attributes.contains(label) || common.contains(label),
+                    "{otel}: label `{label}` on /metrics is not among its documented attributes \
+                     {attributes:?} in docs/metrics.md"
+                );
+            }
+        }
+    }
+    let lifetime = &rows
+        .iter()
+        .find(|r| r.1 == "websocket_server_connection_duration_seconds")
+        .unwrap()
+        .3;
+    assert!(
+        lifetime.contains("websocket_close_initiator"),
+        "the parser reads attributes: {lifetime:?}"
+    );
+
     // Every series carries the scope.
     assert!(
         m.samples

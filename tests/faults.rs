@@ -107,7 +107,10 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
     assert_eq!(
         m.sum(
             "websocket_server_connection_duration_seconds_count",
-            &[("websocket_close_reason", "internal_error")]
+            &[
+                ("websocket_close_reason", "internal_error"),
+                ("websocket_close_initiator", "server")
+            ]
         ),
         2.0
     );
@@ -179,6 +182,10 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
         assert_eq!(
             attr(&s.attributes, "websocket.close.code").as_deref(),
             Some("1011")
+        );
+        assert_eq!(
+            attr(&s.attributes, "websocket.close.initiator").as_deref(),
+            Some("server")
         );
     }
 }

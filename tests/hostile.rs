@@ -94,6 +94,14 @@ async fn server_close(s: &mut TcpStream) -> Option<u16> {
         .expect("server answers within 10 s")
 }
 
+/// Reads until the server closes TCP: `Ok` when it ends with a FIN, `Err` on a reset.
+async fn read_to_end(s: &mut TcpStream) -> std::io::Result<usize> {
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the server closes within 10 s")
+}
+
 #[tokio::test]
 async fn malformed_frames_get_rfc_close_codes() {
     let server = TestServer::start_with(|c| c.max_message_size = 1024).await;
@@ -203,6 +211,16 @@ async fn malformed_frames_get_rfc_close_codes() {
         let mut s = raw_ws(&server, "/ws/echo").await;
         frame(&mut s, *first, payload, *mask).await;
         assert_eq!(server_close(&mut s).await, Some(*code), "{what}");
+        if *first != 0x88 {
+            // Finish the closing handshake, as a browser does: the server must read this reply
+            // past the frame it failed on, count it, and only then close TCP (no reset).
+            frame(&mut s, 0x88, &code.to_be_bytes(), MASK).await;
+            let end = read_to_end(&mut s).await;
+            assert!(
+                end.is_ok(),
+                "{what}: the server must end with a FIN, got {end:?}"
+            );
+        }
         drop(s);
         let closed = i as f64 + 1.0;
         let m = server
@@ -238,13 +256,38 @@ async fn malformed_frames_get_rfc_close_codes() {
     assert_eq!(count("protocol_error"), 9.0);
     assert_eq!(count("message_too_big"), 1.0);
     assert_eq!(count("invalid_payload"), 1.0);
+    // Every one of them is the server's finding, including the two Close frames whose code a
+    // client may not send (tungstenite answers those with 1002 on its own).
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[("websocket_close_initiator", "server")]
+        ),
+        11.0
+    );
     assert_eq!(
         m.sum(
             "websocket_server_errors_total",
             &[("error_type", "protocol_error")]
         ),
-        7.0
+        9.0
     );
+    // Eleven Closes each way (the bystander is still open): the server's, and the client's
+    // reply read past the bad frame, or the client's own Close in the two close-code cases.
+    for direction in ["transmit", "receive"] {
+        assert_eq!(
+            m.sum(
+                "websocket_server_messages_total",
+                &[
+                    ("network_io_direction", direction),
+                    ("websocket_message_type", "close")
+                ]
+            ),
+            11.0,
+            "{direction}\n{}",
+            m.text
+        );
+    }
     assert_eq!(
         m.sum("websocket_server_active_connections", &[]),
         1.0,

@@ -122,6 +122,16 @@ async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
     );
     echo_session(server.ws, 7).await;
     let scraped = idle(server.admin, 1.0).await;
+    // A refused handshake from a client that sends no User-Agent.
+    let (status, _) = http_request(
+        server.ws,
+        &format!(
+            "GET /ws/rooms/bad%20name HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            server.ws
+        ),
+    )
+    .await;
+    assert_eq!(status, 400);
     server.sigterm();
     let (code, _) = tokio::task::spawn_blocking(move || server.wait())
         .await
@@ -229,6 +239,28 @@ async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
     assert_eq!(a("http.response.status_code").as_deref(), Some("101"));
     assert_eq!(a("client.address").as_deref(), Some("127.0.0.1"));
     assert_eq!(a("user_agent.original").as_deref(), Some("otlp-test/1.0"));
+    assert_eq!(a("error.type"), None, "a 101 is no error");
+
+    // The refused one says why on its own span (so `{ span.error.type != nil }` finds it), and
+    // has no empty User-Agent.
+    let refused = spans
+        .iter()
+        .map(|(_, s)| s)
+        .find(|s| s.name == "GET /ws/rooms/{room}")
+        .expect("the refused upgrade's span");
+    let r = |k: &str| attr(&refused.attributes, k);
+    assert_eq!(r("error.type").as_deref(), Some("invalid_room"));
+    assert_eq!(r("http.response.status_code").as_deref(), Some("400"));
+    assert_eq!(
+        refused.status.as_ref().map(|s| s.code),
+        Some(2),
+        "error status"
+    );
+    assert_eq!(
+        r("user_agent.original"),
+        None,
+        "no User-Agent, no attribute"
+    );
 
     let conn = spans
         .iter()
@@ -243,6 +275,7 @@ async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
     let c = |k: &str| attr(&conn.attributes, k);
     assert_eq!(c("websocket.close.code").as_deref(), Some("1000"));
     assert_eq!(c("websocket.close.reason").as_deref(), Some("normal"));
+    assert_eq!(c("websocket.close.initiator").as_deref(), Some("client"));
     assert_eq!(c("websocket.messages.received").as_deref(), Some("7"));
     assert_eq!(c("websocket.messages.sent").as_deref(), Some("7"));
     assert_eq!(c("websocket.bytes.received").as_deref(), Some("350"));
@@ -285,6 +318,10 @@ async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
     assert_eq!(
         attr(&closed.attributes, "websocket.close.reason").as_deref(),
         Some("normal")
+    );
+    assert_eq!(
+        attr(&closed.attributes, "websocket.close.initiator").as_deref(),
+        Some("client")
     );
     assert_eq!(
         attr(&closed.attributes, "messages_in").as_deref(),

@@ -379,7 +379,7 @@ async fn invalid_utf8_closes_with_1007() {
 #[tokio::test]
 async fn client_close_codes_map_to_bounded_reasons() {
     let server = TestServer::start().await;
-    for code in [1001u16, 4000, 4001, 3999] {
+    for code in [1001u16, 4000, 4001, 3999, 1011] {
         let mut ws = connect(&server.url(ECHO)).await;
         ws.close(Some(CloseFrame {
             code: CloseCode::from(code),
@@ -404,13 +404,33 @@ async fn client_close_codes_map_to_bounded_reasons() {
         ),
         3.0
     );
+    // A client closing with 1011 is its own business: `internal_error`, but from the client,
+    // never mistaken for a server fault.
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[
+                reason("internal_error"),
+                ("websocket_close_initiator", "client")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[("websocket_close_initiator", "server")]
+        ),
+        0.0
+    );
+    assert_eq!(m.sum("websocket_server_errors_total", &[]), 0.0);
     let reasons: std::collections::BTreeSet<_> = m
         .matching("websocket_server_connection_duration_seconds_count", &[])
         .map(|s| s.labels["websocket_close_reason"].clone())
         .collect();
     assert_eq!(
         reasons.len(),
-        2,
+        3,
         "client codes must not add series: {reasons:?}"
     );
 }
@@ -459,7 +479,13 @@ async fn handshake_rejections_answer_and_count() {
         ),
     )
     .await;
-    assert!(status == 400 || status == 426, "bad version got {status}");
+    assert_eq!(status, 426, "bad version");
+    // A subprotocol the server does not speak: refused where it can be counted (a 101 without
+    // it would make a browser abort the connection at once).
+    let mut req = server.url(ECHO).into_client_request().unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "chat.v1".parse().unwrap());
+    assert_eq!(refused_status(req).await, 400);
 
     let m = server.metrics().await;
     let rejected = |r: &'static str| {
@@ -472,6 +498,7 @@ async fn handshake_rejections_answer_and_count() {
     assert_eq!(rejected("origin_denied"), 1.0);
     assert_eq!(rejected("connection_limit"), 1.0);
     assert_eq!(rejected("bad_request"), 2.0);
+    assert_eq!(rejected("unsupported_subprotocol"), 1.0);
     assert_eq!(
         m.sum("websocket_server_accepted_connections_total", &[]),
         2.0

@@ -17,13 +17,14 @@ use opentelemetry::metrics::{
 };
 
 use super::labels::{
-    CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route,
+    CloseInitiator, CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route,
 };
 
 const ROUTE: &str = "http.route";
 const DIRECTION: &str = "network.io.direction";
 const MESSAGE_TYPE: &str = "websocket.message.type";
 const CLOSE_REASON: &str = "websocket.close.reason";
+const CLOSE_INITIATOR: &str = "websocket.close.initiator";
 const ERROR_TYPE: &str = "error.type";
 const DROP_REASON: &str = "reason";
 
@@ -155,7 +156,9 @@ impl Instruments {
             connection_duration: meter
                 .f64_histogram("websocket.server.connection.duration")
                 .with_unit("s")
-                .with_description("Lifetime of closed WebSocket connections, by close reason.")
+                .with_description(
+                    "Lifetime of closed WebSocket connections, by close reason and initiator.",
+                )
                 .with_boundaries(buckets::CONNECTION_SECONDS.to_vec())
                 .build(),
             messages: meter
@@ -383,19 +386,21 @@ impl ConnectionGuard {
         self.opened_at.elapsed()
     }
 
-    /// The connection ended for `reason`: records its lifetime and returns it.
-    pub fn closed(mut self, reason: CloseReason) -> Duration {
+    /// The connection ended for `reason`, decided by `initiator`: records its lifetime and
+    /// returns it.
+    pub fn closed(mut self, reason: CloseReason, initiator: CloseInitiator) -> Duration {
         self.closed = true;
-        self.record_lifetime(reason)
+        self.record_lifetime(reason, initiator)
     }
 
-    fn record_lifetime(&self, reason: CloseReason) -> Duration {
+    fn record_lifetime(&self, reason: CloseReason, initiator: CloseInitiator) -> Duration {
         let age = self.age();
         self.events.inner.instruments.connection_duration.record(
             age.as_secs_f64(),
             &[
                 KeyValue::new(ROUTE, self.route.route.as_str()),
                 KeyValue::new(CLOSE_REASON, reason.as_str()),
+                KeyValue::new(CLOSE_INITIATOR, initiator.as_str()),
             ],
         );
         age
@@ -405,7 +410,7 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         if !self.closed {
-            self.record_lifetime(CloseReason::InternalError);
+            self.record_lifetime(CloseReason::InternalError, CloseInitiator::Server);
         }
         self.route.active.add(-1);
     }

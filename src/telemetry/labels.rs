@@ -181,6 +181,31 @@ impl CloseReason {
     }
 }
 
+/// `websocket.close.initiator`: which side decided the connection ends. Read with
+/// [`CloseReason`]: `internal_error` from a client (it closed with 1011) is its own business,
+/// from the server it is a server fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseInitiator {
+    /// The client sent the first Close (any code), or dropped the TCP connection.
+    Client,
+    /// The server sent the first Close (an error it found, shutdown, slow consumer, a panic),
+    /// or cut the connection (heartbeat timeout, an I/O failure).
+    Server,
+}
+
+impl CloseInitiator {
+    /// Both sides.
+    pub const ALL: [CloseInitiator; 2] = [CloseInitiator::Client, CloseInitiator::Server];
+
+    /// The attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseInitiator::Client => "client",
+            CloseInitiator::Server => "server",
+        }
+    }
+}
+
 /// `error.type` on `websocket.server.rejected_connections`: why a handshake was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectReason {
@@ -196,6 +221,9 @@ pub enum RejectReason {
     ShuttingDown,
     /// The client did not send its request headers within `--handshake-timeout`.
     HandshakeTimeout,
+    /// The client asked for a subprotocol (`Sec-WebSocket-Protocol`) and the server speaks
+    /// none (400).
+    UnsupportedSubprotocol,
 }
 
 impl RejectReason {
@@ -208,6 +236,7 @@ impl RejectReason {
             RejectReason::InvalidRoom => "invalid_room",
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::HandshakeTimeout => "handshake_timeout",
+            RejectReason::UnsupportedSubprotocol => "unsupported_subprotocol",
         }
     }
 }

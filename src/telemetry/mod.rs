@@ -24,7 +24,9 @@ use opentelemetry_sdk::resource::{
 };
 
 pub use instruments::{ConnectionGuard, Events, RouteInstruments};
-pub use labels::{CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route};
+pub use labels::{
+    CloseInitiator, CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route,
+};
 pub use settings::OtlpSettings;
 pub use traces::Spans;
 
