@@ -4,8 +4,8 @@
 #   builder  Rust toolchain; `cargo build --release --locked` (the release profile keeps line
 #            tables for readable panics and profiles: Cargo.toml [profile.release])
 #   runtime  debian:bookworm-slim (same glibc as the builder), the binary only, non-root
-#   probe    a static busybox for the healthchecks of the stack's distroless images
-#            (collector, Tempo, Loki have no shell or HTTP client); see compose.yaml
+#   probe    a static busybox for the healthchecks of the stack's third-party images (the
+#            collector has no shell or HTTP client); see compose.yaml
 #
 #   docker build -t wsotel .                      # the runtime image (last stage)
 #   docker run --rm -p 8080:8080 -p 9464:9464 wsotel

@@ -48,6 +48,22 @@ def explore_tempo_link(title, traceql):
     return {"title": title, "url": f"/explore?schemaVersion=1&orgId=1&panes={enc}", "targetBlank": False}
 
 
+# Log records that say something went wrong (LogQL on OTLP structured metadata, where dotted
+# attributes have underscores): WARN/ERROR lines; refused handshakes (error.type, logged at INFO);
+# closes the server initiated because it found a problem (websocket.close.initiator = server),
+# except the 1001 of a shutdown. Closes the client chose (its own 1002/1007/1009/1011...) are not
+# this service's problems.
+PROBLEM_LOGS = (
+    '{service_name="wsotel", cloud_region=~"$region", service_instance_id=~"$instance"}'
+    ' | severity_text=~"(?i)warn|error"'
+    ' or error_type!=""'
+    ' or (websocket_close_initiator="server" and websocket_close_reason!="server_shutdown")'
+)
+
+# Spans whose durations are worth comparing: upgrades and messages. A websocket.connection span
+# lasts as long as its connection (the lifetime histogram covers that).
+SLOW_SPANS = '{resource.service.name="wsotel" && resource.cloud.region=~"$region" && name != "websocket.connection"}'
+
 TRACES_LINK = explore_tempo_link(
     "Traces in this time range (Tempo)",
     '{resource.service.name="wsotel" && resource.cloud.region=~"$region"}',
@@ -175,10 +191,14 @@ def panels():
     y += 8
     out += [
         timeseries("Disconnect reasons", [
-            target(f"sum by (websocket_close_reason) (rate(websocket_server_connection_duration_seconds_count{{{SR}}}[{RI}]))",
-                   legend="{{websocket_close_reason}}"),
+            target("sum by (websocket_close_initiator, websocket_close_reason) "
+                   f"(rate(websocket_server_connection_duration_seconds_count{{{SR}}}[{RI}]))",
+                   legend="{{websocket_close_reason}} ({{websocket_close_initiator}})"),
         ], 0, y, unit="cps", stack=True, draw="bars",
-            desc="Closed connections per second by close reason. Abnormal: everything except normal, going_away, server_shutdown."),
+            desc="Closed connections per second by close reason and by who ended it (websocket_close_initiator): "
+                 "server = the server found the problem and sent the Close or cut the connection; client = the client "
+                 "chose to close (its own code, even 1002/1007/1009/1011) or went away. Server faults are the server-side "
+                 "reasons other than server_shutdown; client_aborted (no Close, TCP ended) points at the network."),
         {
             "id": next(_ids),
             "type": "piechart",
@@ -311,14 +331,19 @@ def panels():
         {
             "id": next(_ids),
             "type": "logs",
-            "title": "Recent warnings and errors (Loki)",
-            "description": "Log records exported over OTLP; each carries trace_id as structured metadata: expand a line and follow the Tempo link.",
+            "title": "Recent problems (Loki)",
+            "description": "What went wrong, whatever its log level: WARN and ERROR lines; refused handshakes (every line "
+                           "with error_type, logged at INFO); and connections the server closed because it found a problem "
+                           "(websocket_close_initiator=server: 1002, 1007, 1009, slow consumer 1008, heartbeat timeout, "
+                           "1011), except the 1001 of a shutdown. Closes the client chose are not problems of this service "
+                           "and are left out. Each record carries trace_id as structured metadata: expand a line and follow "
+                           "the Tempo link.",
             "datasource": LOKI,
             "gridPos": {"x": 0, "y": y, "w": 12, "h": 10},
             "targets": [{
                 "datasource": LOKI,
                 "refId": "A",
-                "expr": '{service_name="wsotel", cloud_region=~"$region", service_instance_id=~"$instance"} | severity_text=~"(?i)warn|error"',
+                "expr": PROBLEM_LOGS,
                 "queryType": "range",
             }],
             "options": {"showTime": True, "wrapLogMessage": True, "sortOrder": "Descending",
@@ -326,21 +351,44 @@ def panels():
         },
         {
             "id": next(_ids),
-            "type": "table",
-            "title": "Recent slow traces (Tempo)",
-            "description": "Traces with a span slower than 5 ms (upgrades and message handling; the long-lived websocket.connection spans are excluded). Click a trace id to open it; from a span, 'Logs for this span' opens Loki.",
+            "type": "timeseries",
+            "title": "Slowest spans by name (Tempo)",
+            "description": "The slowest span of each name (max, exact) and the 99th percentile (dashed; Tempo estimates it "
+                           "from power-of-two buckets, so read it to within a factor of 2), per interval, over every span in "
+                           "the time range (TraceQL metrics on Tempo's local-blocks). No fixed threshold: an upgrade takes "
+                           "tens of microseconds and a message a few, so any fixed 'slow' would show nothing or everything, "
+                           "and a TraceQL search can neither sort by duration nor compare with a percentile. What stands out "
+                           "here is slow for this service. The websocket.connection spans (a connection's whole life) are "
+                           "left out: see Connection lifetime. Exemplar points (sampled spans Tempo returns with the series) "
+                           "open their trace; zoom into a spike and the link 'Traces in this time range' lists its traces.",
             "datasource": TEMPO,
             "gridPos": {"x": 12, "y": y, "w": 12, "h": 10},
-            "targets": [{
-                "datasource": TEMPO,
-                "refId": "A",
-                "queryType": "traceql",
-                "query": '{resource.service.name="wsotel" && resource.cloud.region=~"$region" && name != "websocket.connection" && duration > 5ms}',
-                "limit": 20,
-                "tableType": "traces",
-            }],
-            "fieldConfig": {"defaults": {}, "overrides": []},
-            "options": {"showHeader": True, "sortBy": [{"displayName": "Start time", "desc": True}]},
+            "targets": [
+                {"datasource": TEMPO, "refId": "A", "queryType": "traceql", "metricsQueryType": "range",
+                 "query": f"{SLOW_SPANS} | max_over_time(duration) by (name)"},
+                {"datasource": TEMPO, "refId": "B", "queryType": "traceql", "metricsQueryType": "range",
+                 "query": f"{SLOW_SPANS} | quantile_over_time(duration, 0.99) by (name)"},
+            ],
+            "fieldConfig": {
+                "defaults": {
+                    "unit": "s",
+                    "min": 0,
+                    "custom": {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 0, "showPoints": "never",
+                               "spanNulls": False, "stacking": {"mode": "none", "group": "A"}},
+                },
+                "overrides": [
+                    {"matcher": {"id": "byFrameRefID", "options": "A"},
+                     "properties": [{"id": "displayName", "value": "max ${__field.labels.name}"}]},
+                    {"matcher": {"id": "byFrameRefID", "options": "B"},
+                     "properties": [{"id": "displayName", "value": "p99 ${__field.labels.name}"},
+                                    {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}]},
+                ],
+            },
+            "options": {
+                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "multi", "sort": "desc"},
+            },
+            "links": [TRACES_LINK],
         },
     ]
     return out

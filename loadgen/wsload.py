@@ -10,7 +10,12 @@ servers so every panel of the "WebSocket overview" dashboard has data:
 - rooms: members join a room, speakers broadcast, the others read the fan-out;
 - misbehaving clients, rarely: an invalid room name (handshake rejected, 400), an oversized
   message (1009), invalid UTF-8 (1007), a client that never answers pings (heartbeat timeout),
-  a room member that stops reading (slow consumer eviction).
+  a room member that stops reading (slow consumer eviction), and with tokens on, a client
+  without one (401).
+
+With `--token-secret-file` (the server's `--auth-hs256-secret-file`), every client carries a dev
+token it mints itself: HS256, `sub` "wsload-<n>", every room, valid for an hour. Dev only: a
+real deployment's tokens come from its identity provider.
 
 Used by compose.yaml (the `loadgen` service) and imported by tests/stack/e2e.py. The project's
 own benchmark client (wsotel-bench) will replace it as the compose load generator once it exists.
@@ -21,6 +26,9 @@ own benchmark client (wsotel-bench) will replace it as the compose load generato
 import argparse
 import base64
 import hashlib
+import hmac
+import itertools
+import json
 import os
 import random
 import select
@@ -35,6 +43,23 @@ import urllib.parse
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+# The HS256 secret tokens are minted with (None: no tokens), set by main() or a caller.
+TOKEN_SECRET = None
+_subjects = itertools.count(1)
+
+
+def _b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def mint_token(secret, sub, ttl=3600, rooms=("*",)):
+    """An HS256 JWT as wsotel reads it: `sub`, `exp`, `rooms` (publish defaults to the rooms)."""
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    claims = _b64url(json.dumps({"sub": sub, "exp": int(time.time()) + ttl, "rooms": list(rooms)}).encode())
+    signing_input = f"{header}.{claims}".encode()
+    signature = _b64url(hmac.new(secret, signing_input, hashlib.sha256).digest())
+    return f"{header}.{claims}.{signature}"
 
 
 class HandshakeRejected(Exception):
@@ -59,7 +84,7 @@ def parse_target(url):
 class WsClient:
     """One client connection. Not thread-safe for concurrent senders."""
 
-    def __init__(self, host, port, path, timeout=10.0, rcvbuf=None, auto_pong=True):
+    def __init__(self, host, port, path, timeout=10.0, rcvbuf=None, auto_pong=True, token=True):
         self.auto_pong = auto_pong
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
@@ -71,10 +96,13 @@ class WsClient:
         self._buf = b""
         self._wlock = threading.Lock()
         key = base64.b64encode(os.urandom(16))
+        auth = ""
+        if token and TOKEN_SECRET:
+            auth = f"Authorization: Bearer {mint_token(TOKEN_SECRET, f'wsload-{next(_subjects)}')}\r\n"
         req = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-            "Sec-WebSocket-Version: 13\r\nUser-Agent: wsload/1\r\n\r\n"
+            f"Sec-WebSocket-Version: 13\r\nUser-Agent: wsload/1\r\n{auth}\r\n"
         ).encode()
         self.sock.sendall(req)
         head = self._read_until(b"\r\n\r\n")
@@ -289,6 +317,14 @@ def rejected_handshake(host, port):
     raise AssertionError("invalid room name was accepted")
 
 
+def unauthenticated(host, port):
+    """No token while the server requires one: 401 (rejected_connections{error_type=token_missing})."""
+    try:
+        WsClient(host, port, "/ws/echo", token=False).close()
+    except HandshakeRejected:
+        pass
+
+
 def oversized_message(host, port, size=70 * 1024):
     """A message over the server's --max-message-size (64 KiB default): closed with 1009."""
     c = WsClient(host, port, "/ws/echo")
@@ -323,18 +359,24 @@ def silent_client(host, port, hold):
     c.reset()
 
 
-def slow_consumer(host, port, room, messages=400, size=32 * 1024, timeout=20.0):
-    """A room member with a tiny receive window that never reads, and a speaker flooding the
-    room: the member's outbound queue overflows and the server evicts it (close 1008,
-    slow_consumer; dropped messages counted). Returns True if the eviction was seen."""
+def slow_consumer(host, port, room, messages=400, size=32 * 1024, timeout=20.0, rate=500.0):
+    """A room member with a tiny receive window that never reads, and a speaker sending to the
+    room at `rate` messages per second (within the server's default --publish-rate of 1,000/s,
+    so the speaker is not the one closed): the member's outbound queue overflows and the server
+    evicts it (close 1008, slow_consumer; dropped messages counted). Returns True if the
+    eviction was seen."""
     path = f"/ws/rooms/{room}"
     lazy = WsClient(host, port, path, rcvbuf=4096)
     speaker = WsClient(host, port, path)
     time.sleep(0.2)
     payload = b"x" * size
     try:
-        for _ in range(messages):
+        start = time.monotonic()
+        for i in range(messages):
             speaker.send_binary(payload)
+            ahead = start + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
     finally:
         speaker.close(1000)
     # Now read: the server has closed the lazy member; drain until its Close or EOF.
@@ -389,9 +431,12 @@ def run_mix(targets, stop, echo=8, rooms=3, members=4, rate=20.0, misbehave_ever
             spawn(f"room-{host}:{port}-{r}", room_once, lambda: random.uniform(0, 1))
         if misbehave_every:
             def misbehave(host=host, port=port):
-                kind = random.choice(("rejected", "oversized", "utf8", "silent", "slow"))
+                kinds = ("rejected", "oversized", "utf8", "silent", "slow")
+                kind = random.choice(kinds + (("unauthenticated",) if TOKEN_SECRET else ()))
                 if kind == "rejected":
                     rejected_handshake(host, port)
+                elif kind == "unauthenticated":
+                    unauthenticated(host, port)
                 elif kind == "oversized":
                     oversized_message(host, port)
                 elif kind == "utf8":
@@ -421,7 +466,13 @@ def main():
     ap.add_argument("--alive-file", default=os.environ.get("WSLOAD_ALIVE_FILE"),
                     help="touched after every completed echo session (for a container healthcheck)")
     ap.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: run forever)")
+    ap.add_argument("--token-secret-file", default=os.environ.get("WSLOAD_TOKEN_SECRET_FILE"),
+                    help="mint an HS256 dev token for every client with the secret in this file")
     args = ap.parse_args()
+    global TOKEN_SECRET
+    if args.token_secret_file:
+        with open(args.token_secret_file, "rb") as f:
+            TOKEN_SECRET = f.read().strip()
     urls = args.target or [u for u in os.environ.get("WSLOAD_TARGETS", "").split(",") if u]
     if not urls:
         ap.error("no --target")

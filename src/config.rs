@@ -6,13 +6,18 @@
 //! endpoints on `127.0.0.1:9464`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{ArgGroup, Parser, ValueEnum};
+
+use crate::auth::{AuthSettings, KeySource};
+use crate::sources::IpNet;
 
 /// The whole server configuration, parsed by clap from flags and `WSOTEL_*` variables.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "wsotel", version, about)]
+#[command(group(ArgGroup::new("auth_key").multiple(false)))]
 pub struct Config {
     /// Address of the WebSocket listener.
     #[arg(long, env = "WSOTEL_LISTEN", default_value = "0.0.0.0:8080")]
@@ -68,6 +73,77 @@ pub struct Config {
     /// Format of the log lines on stdout.
     #[arg(long, env = "WSOTEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Messages per second one room member may publish on average (token-bucket refill); a
+    /// member that exceeds it is closed with 1008 (`rate_limited`). `0`: no limit.
+    #[arg(long, env = "WSOTEL_PUBLISH_RATE", default_value_t = 1000)]
+    pub publish_rate: u32,
+
+    /// Messages a room member may publish at once before the rate applies (the bucket's size).
+    /// Keep it below `--outbound-queue`, so one member's burst never fills another's queue.
+    #[arg(long, env = "WSOTEL_PUBLISH_BURST", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub publish_burst: u32,
+
+    /// Most open WebSocket connections from one client address; further upgrades get 429
+    /// (`ip_limit`). `0`: no limit.
+    #[arg(long, env = "WSOTEL_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: u32,
+
+    /// Most sockets that have not finished their upgrade, in all; a new socket beyond it is
+    /// closed at once (`pending_limit`).
+    #[arg(long, env = "WSOTEL_MAX_PENDING_HANDSHAKES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_handshakes: u32,
+
+    /// Most sockets from one address that have not finished their upgrade; a new one beyond it
+    /// is closed at once (`pending_limit`).
+    #[arg(long, env = "WSOTEL_MAX_PENDING_PER_IP", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_per_ip: u32,
+
+    /// A write that makes no progress this long (a client that does not read) closes the
+    /// connection (`write_timeout`).
+    #[arg(long, env = "WSOTEL_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
+    /// A proxy (address or network, e.g. `10.0.0.0/8`) whose `X-Forwarded-For` names the client;
+    /// repeatable. Its own sockets do not count against per-address limits.
+    #[arg(
+        long = "trusted-proxy",
+        env = "WSOTEL_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Lines per second of each connection-level log event (connection opened/closed, handshake
+    /// rejected, connection errors); the rest are counted and reported every 10 s. `0`: no limit.
+    #[arg(long, env = "WSOTEL_LOG_RATE", default_value_t = 50)]
+    pub log_rate: u32,
+
+    /// Authentication: a file holding the HS256 secret (at least 32 bytes) that signs tokens.
+    #[arg(long, env = "WSOTEL_AUTH_HS256_SECRET_FILE", group = "auth_key")]
+    pub auth_hs256_secret_file: Option<PathBuf>,
+
+    /// Authentication: a PEM RSA public key that verifies RS256 tokens.
+    #[arg(long, env = "WSOTEL_AUTH_RS256_PUBLIC_KEY_FILE", group = "auth_key")]
+    pub auth_rs256_public_key_file: Option<PathBuf>,
+
+    /// Authentication: a PEM P-256 public key that verifies ES256 tokens.
+    #[arg(long, env = "WSOTEL_AUTH_ES256_PUBLIC_KEY_FILE", group = "auth_key")]
+    pub auth_es256_public_key_file: Option<PathBuf>,
+
+    /// Authentication: a JWKS file whose RS256/ES256 keys verify tokens, chosen by `kid`.
+    #[arg(long, env = "WSOTEL_AUTH_JWKS_FILE", group = "auth_key")]
+    pub auth_jwks_file: Option<PathBuf>,
+
+    /// Authentication: the `aud` every token must carry.
+    #[arg(long, env = "WSOTEL_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+
+    /// Authentication: the `iss` every token must carry.
+    #[arg(long, env = "WSOTEL_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
 }
 
 /// How log lines are written to stdout.
@@ -80,6 +156,25 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The authentication settings: which key (none means authentication is off), audience
+    /// and issuer.
+    pub fn auth(&self) -> AuthSettings {
+        let key = if let Some(p) = &self.auth_hs256_secret_file {
+            Some(KeySource::Hs256SecretFile(p.clone()))
+        } else if let Some(p) = &self.auth_rs256_public_key_file {
+            Some(KeySource::Rs256PublicKeyFile(p.clone()))
+        } else if let Some(p) = &self.auth_es256_public_key_file {
+            Some(KeySource::Es256PublicKeyFile(p.clone()))
+        } else {
+            self.auth_jwks_file.clone().map(KeySource::JwksFile)
+        };
+        AuthSettings {
+            key,
+            audience: self.auth_audience.clone(),
+            issuer: self.auth_issuer.clone(),
+        }
+    }
+
     /// A configuration for tests and embedders: every default, with loopback listeners.
     pub fn for_tests() -> Self {
         Config::parse_from([
@@ -157,6 +252,26 @@ mod tests {
         assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.ping_interval, Duration::from_secs(20));
         assert_eq!(c.pong_timeout, Duration::from_secs(10));
+        assert_eq!(c.auth().key, None, "authentication is off by default");
+        assert!(
+            c.publish_burst < c.outbound_queue,
+            "one burst never fills a queue"
+        );
+    }
+
+    #[test]
+    fn one_auth_key_at_most() {
+        let two = Config::try_parse_from([
+            "wsotel",
+            "--auth-hs256-secret-file",
+            "a",
+            "--auth-jwks-file",
+            "b",
+        ]);
+        assert!(two.is_err());
+        let c = Config::parse_from(["wsotel", "--trusted-proxy", "10.0.0.0/8,192.168.1.1"]);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(Config::try_parse_from(["wsotel", "--trusted-proxy", "10.0.0.0/99"]).is_err());
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //! message is counted on the route's bound instruments as it crosses the socket; the
 //! connection's own totals go on its span and its closing log line.
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -17,6 +20,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::rooms::Rooms;
+use crate::telemetry::log_limit::LogEvent;
 use crate::telemetry::logging::panic_message;
 use crate::telemetry::traces::Handling;
 use crate::telemetry::{
@@ -72,6 +76,69 @@ pub struct ConnectionContext {
     pub span: ConnectionSpan,
     /// Where message spans are made, when traces are exported.
     pub spans: Option<Arc<Spans>>,
+    /// Who is on the other end (boxed: read only by the two log lines and the span).
+    pub identity: Box<Identity>,
+    /// What this connection may do, and how long its writes may stall.
+    pub limits: ConnectionLimits,
+}
+
+/// Who is on the other end: for the connection's log lines and span, never a metric.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The client: the TCP peer, or the address a trusted proxy forwarded.
+    pub client: IpAddr,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The token's subject, when authentication is on.
+    pub subject: Option<String>,
+}
+
+/// The limits a connection enforces on itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// A write that makes no progress this long ends the connection (`write_timeout`).
+    pub write_timeout: Duration,
+    /// Room messages per second on average (`0`: no limit).
+    pub publish_rate: u32,
+    /// Room messages at once above the rate.
+    pub publish_burst: u32,
+    /// Whether the token lets this member send to its room (always, without authentication).
+    pub may_publish: bool,
+    /// When the token expires: the connection is closed with 1008 then.
+    pub expires_at: Option<Instant>,
+}
+
+/// A token bucket: `burst` messages at once, refilled at `rate` per second.
+#[derive(Debug, Clone, Copy)]
+struct TokenBucket {
+    tokens: f64,
+    burst: f64,
+    rate: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32, now: Instant) -> Self {
+        TokenBucket {
+            tokens: f64::from(burst),
+            burst: f64::from(burst),
+            rate: f64::from(rate),
+            last: now,
+        }
+    }
+
+    /// Takes one token at `now`, if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Echo or room member.
@@ -164,6 +231,7 @@ impl Ending {
 }
 
 /// The heartbeat: the server pings every interval; an unanswered ping ends the connection.
+/// The same timer also ends the connection when its token expires.
 struct Heartbeat {
     interval: Duration,
     timeout: Duration,
@@ -171,24 +239,35 @@ struct Heartbeat {
     /// Payload and send time of the ping awaiting its pong.
     outstanding: Option<(u64, Instant)>,
     seq: u64,
+    /// When the connection's token expires.
+    expires_at: Option<Instant>,
 }
 
 impl Heartbeat {
-    fn new(interval: Duration, timeout: Duration) -> Self {
+    fn new(interval: Duration, timeout: Duration, expires_at: Option<Instant>) -> Self {
         Heartbeat {
             interval,
             timeout,
             next_ping: Instant::now() + interval,
             outstanding: None,
             seq: 0,
+            expires_at,
         }
     }
 
     fn deadline(&self) -> Instant {
-        match self.outstanding {
-            Some((_, sent)) => sent + self.timeout,
-            None => self.next_ping,
-        }
+        let beat = self.pong_due().unwrap_or(self.next_ping);
+        self.expires_at.map_or(beat, |e| e.min(beat))
+    }
+
+    /// When the outstanding ping's pong is overdue.
+    fn pong_due(&self) -> Option<Instant> {
+        self.outstanding.map(|(_, sent)| sent + self.timeout)
+    }
+
+    /// Whether the token has expired by `now`.
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|e| now >= e)
     }
 
     /// Returns the RTT when `payload` answers the outstanding ping.
@@ -240,6 +319,8 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
         kind,
         mut span,
         spans,
+        identity,
+        limits,
     } = ctx;
     let guard = events.connection_opened(route);
     let mut link = Link {
@@ -255,7 +336,11 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
             ConnectionKind::Echo => shutdown.clone(),
             ConnectionKind::Room { .. } => shutdown.child_token(),
         },
+        heartbeat: Heartbeat::new(ping_interval, pong_timeout, limits.expires_at),
+        write_timeout: limits.write_timeout,
     };
+    let mut publish = (limits.publish_rate > 0 && matches!(kind, ConnectionKind::Room { .. }))
+        .then(|| TokenBucket::new(limits.publish_rate, limits.publish_burst, Instant::now()));
 
     let (membership, mut rx) = match kind {
         ConnectionKind::Echo => (None, None),
@@ -264,14 +349,21 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
             (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
         }
     };
-    if tracing::enabled!(tracing::Level::DEBUG) {
+    if events.log_allowed(LogEvent::ConnectionOpened) {
         in_span(link.span, || {
-            tracing::debug!(connection.id = id as i64, "connection opened")
+            tracing::info!(
+                connection.id = id as i64,
+                http.route = route.as_str(),
+                client.address = %identity.client,
+                network.peer.address = %identity.peer.ip(),
+                network.peer.port = identity.peer.port(),
+                user.id = identity.subject.as_deref(),
+                "connection opened"
+            )
         });
     }
 
-    let mut heartbeat = Heartbeat::new(ping_interval, pong_timeout);
-    let sleep = tokio::time::sleep_until(heartbeat.deadline().into());
+    let sleep = tokio::time::sleep_until(link.heartbeat.deadline().into());
     tokio::pin!(sleep);
 
     let mut batch = Batching::default();
@@ -318,11 +410,7 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
                             "server shutting down",
                         )
                     } else {
-                        link.events
-                            .error(link.route.route(), ErrorType::SlowConsumer);
-                        in_span(link.span, || {
-                            tracing::warn!(connection.id = id as i64, "slow consumer disconnected")
-                        });
+                        link.error(ErrorType::SlowConsumer, "slow consumer disconnected");
                         Ending::server(
                             CloseReason::SlowConsumer,
                             close_code::POLICY_VIOLATION,
@@ -344,6 +432,30 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
                     inject_fault(&msg);
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
+                            if membership.is_some() {
+                                if !limits.may_publish {
+                                    link.error(
+                                        ErrorType::PublishForbidden,
+                                        "publish not allowed: closing with 1008",
+                                    );
+                                    break Ending::server(
+                                        CloseReason::PublishForbidden,
+                                        close_code::POLICY_VIOLATION,
+                                        "publish not allowed",
+                                    );
+                                }
+                                if publish.as_mut().is_some_and(|b| !b.take(received_at)) {
+                                    link.error(
+                                        ErrorType::RateLimited,
+                                        "publish rate exceeded: closing with 1008",
+                                    );
+                                    break Ending::server(
+                                        CloseReason::RateLimited,
+                                        close_code::POLICY_VIOLATION,
+                                        "rate limit exceeded",
+                                    );
+                                }
+                            }
                             let traced = spans.as_ref().filter(|m| m.sample());
                             let (kind, size) = kind_and_len(&msg);
                             let feed = membership.is_none() && batch.feeding();
@@ -379,9 +491,9 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
                             }
                         }
                         Message::Pong(p) => {
-                            if let Some(rtt) = heartbeat.pong(&p) {
+                            if let Some(rtt) = link.heartbeat.pong(&p) {
                                 link.events.ping_round_trip(rtt);
-                                sleep.as_mut().reset(heartbeat.deadline().into());
+                                sleep.as_mut().reset(link.heartbeat.deadline().into());
                             }
                         }
                         Message::Close(frame) => {
@@ -421,28 +533,39 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
                     }
                 }
                 Event::Heartbeat => {
-                    if heartbeat.outstanding.is_some() {
-                        link.events
-                            .error(link.route.route(), ErrorType::HeartbeatTimeout);
-                        in_span(link.span, || {
-                            tracing::warn!(connection.id = id as i64, "heartbeat timeout: no pong")
-                        });
+                    let now = Instant::now();
+                    if link.heartbeat.expired(now) {
+                        break Ending::server(
+                            CloseReason::TokenExpired,
+                            close_code::POLICY_VIOLATION,
+                            "token expired",
+                        );
+                    }
+                    if link.heartbeat.pong_due().is_some_and(|due| now >= due) {
+                        link.error(ErrorType::HeartbeatTimeout, "heartbeat timeout: no pong");
                         // The peer is presumed dead: no Close handshake to wait for.
                         break Ending::cut(CloseReason::HeartbeatTimeout);
                     }
-                    heartbeat.seq += 1;
-                    let payload = heartbeat.seq.to_be_bytes();
-                    heartbeat.outstanding = Some((heartbeat.seq, Instant::now()));
-                    sleep.as_mut().reset(heartbeat.deadline().into());
+                    if now < link.heartbeat.next_ping || link.heartbeat.outstanding.is_some() {
+                        // Woken early (the deadline moved): wait for the real one.
+                        sleep.as_mut().reset(link.heartbeat.deadline().into());
+                        continue;
+                    }
+                    link.heartbeat.seq += 1;
+                    let payload = link.heartbeat.seq.to_be_bytes();
+                    link.heartbeat.outstanding = Some((link.heartbeat.seq, now));
+                    sleep.as_mut().reset(link.heartbeat.deadline().into());
                     let ping = Message::Ping(payload.to_vec().into());
-                    match Box::pin(with_stop(&link.stop, link.socket.send(ping))).await {
-                        Some(Ok(())) => link.route.message(
+                    let bound = link.write_bound();
+                    match Box::pin(write(&link.stop, bound, link.socket.send(ping))).await {
+                        Written::Done(Ok(())) => link.route.message(
                             Direction::Transmit,
                             MessageType::Ping,
                             payload.len(),
                         ),
-                        Some(Err(err)) => break link.classify(err),
-                        None => continue,
+                        Written::Done(Err(err)) => break link.classify(err),
+                        Written::Stopped => continue,
+                        Written::TimedOut(reason) => break link.timed_out(reason),
                     }
                 }
             }
@@ -454,6 +577,7 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
         Ok(ending) => ending,
         Err(panic) => {
             link.events.error(link.route.route(), ErrorType::Panic);
+            // Not rate-limited: a panic is a bug to see every time.
             in_span(link.span, || {
                 tracing::error!(
                     connection.id = id as i64,
@@ -493,22 +617,28 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
 
     let reason = ending.reason;
     let lifetime = guard.closed(reason, ending.initiator);
-    in_span(span.as_deref(), || {
-        tracing::info!(
-            connection.id = id as i64,
-            http.route = route.as_str(),
-            websocket.room = room.as_deref(),
-            websocket.close.code = ending.code.map(i64::from),
-            websocket.close.reason = reason.as_str(),
-            websocket.close.initiator = ending.initiator.as_str(),
-            duration_ms = lifetime.as_millis() as i64,
-            messages_in = totals.messages_in as i64,
-            messages_out = totals.messages_out as i64,
-            bytes_in = totals.bytes_in as i64,
-            bytes_out = totals.bytes_out as i64,
-            "connection closed"
-        )
-    });
+    if events.log_allowed(LogEvent::ConnectionClosed) {
+        in_span(span.as_deref(), || {
+            tracing::info!(
+                connection.id = id as i64,
+                http.route = route.as_str(),
+                client.address = %identity.client,
+                network.peer.address = %identity.peer.ip(),
+                network.peer.port = identity.peer.port(),
+                user.id = identity.subject.as_deref(),
+                websocket.room = room.as_deref(),
+                websocket.close.code = ending.code.map(i64::from),
+                websocket.close.reason = reason.as_str(),
+                websocket.close.initiator = ending.initiator.as_str(),
+                duration_ms = lifetime.as_millis() as i64,
+                messages_in = totals.messages_in as i64,
+                messages_out = totals.messages_out as i64,
+                bytes_in = totals.bytes_in as i64,
+                bytes_out = totals.bytes_out as i64,
+                "connection closed"
+            )
+        });
+    }
     if let Some(span) = span.as_mut() {
         if span.is_recording() {
             if reason == CloseReason::InternalError && ending.initiator == CloseInitiator::Server {
@@ -517,7 +647,11 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
             if let Some(code) = ending.code {
                 span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
             }
+            if let Some(subject) = &identity.subject {
+                span.set_attribute(KeyValue::new("user.id", subject.clone()));
+            }
             span.set_attributes([
+                KeyValue::new("client.address", identity.client.to_string()),
                 KeyValue::new("websocket.close.reason", reason.as_str()),
                 KeyValue::new("websocket.close.initiator", ending.initiator.as_str()),
                 KeyValue::new("websocket.messages.received", totals.messages_in as i64),
@@ -620,6 +754,9 @@ struct Link<'a> {
     span: Option<&'a opentelemetry_sdk::trace::Span>,
     /// Cancelled on server shutdown, or to kick a slow consumer.
     stop: CancellationToken,
+    heartbeat: Heartbeat,
+    /// How long a write may stall.
+    write_timeout: Duration,
 }
 
 impl Link<'_> {
@@ -657,37 +794,80 @@ impl Link<'_> {
     /// transmitted when handed to the writer.
     async fn feed_data(&mut self, msg: Message) -> Result<(), Ending> {
         let (kind, len) = kind_and_len(&msg);
-        let fed = with_stop(&self.stop, self.socket.feed(msg)).await;
+        let bound = self.write_bound();
+        let fed = write(&self.stop, bound, self.socket.feed(msg)).await;
         self.sent(fed, kind, len)
     }
 
     fn sent(
         &mut self,
-        result: Option<Result<(), tungstenite::Error>>,
+        result: Written<Result<(), tungstenite::Error>>,
         kind: MessageType,
         len: usize,
     ) -> Result<(), Ending> {
         match result {
-            Some(Ok(())) => {
+            Written::Done(Ok(())) => {
                 self.route.message(Direction::Transmit, kind, len);
                 self.totals.messages_out += 1;
                 self.totals.bytes_out += len as u64;
                 Ok(())
             }
-            Some(Err(err)) => Err(self.classify(err)),
-            None => {
+            Written::Done(Err(err)) => Err(self.classify(err)),
+            Written::Stopped => {
                 self.events
                     .dropped(self.route.route(), DropReason::ConnectionClosed, 1);
                 Ok(())
+            }
+            Written::TimedOut(reason) => {
+                self.events
+                    .dropped(self.route.route(), DropReason::ConnectionClosed, 1);
+                Err(self.timed_out(reason))
             }
         }
     }
 
     /// Writes out whatever was fed.
     async fn flush(&mut self) -> Result<(), Ending> {
-        match with_stop(&self.stop, self.socket.flush()).await {
-            Some(Err(err)) => Err(self.classify(err)),
-            Some(Ok(())) | None => Ok(()),
+        let bound = self.write_bound();
+        match write(&self.stop, bound, self.socket.flush()).await {
+            Written::Done(Err(err)) => Err(self.classify(err)),
+            Written::Done(Ok(())) | Written::Stopped => Ok(()),
+            Written::TimedOut(reason) => Err(self.timed_out(reason)),
+        }
+    }
+
+    /// How long the next write may stall: `--write-timeout`, or less when a ping is already
+    /// overdue by then (the heartbeat keeps running while a write is pending).
+    fn write_bound(&self) -> WriteBound {
+        WriteBound {
+            timeout: self.write_timeout,
+            pong_due: self.heartbeat.pong_due(),
+        }
+    }
+
+    /// A write stalled past its bound: the connection is cut (the client is not reading, so a
+    /// Close could not reach it either).
+    fn timed_out(&self, reason: CloseReason) -> Ending {
+        let (error, message) = if reason == CloseReason::HeartbeatTimeout {
+            (ErrorType::HeartbeatTimeout, "heartbeat timeout: no pong")
+        } else {
+            (
+                ErrorType::WriteTimeout,
+                "write timeout: the client is not reading",
+            )
+        };
+        self.error(error, message);
+        Ending::cut(reason)
+    }
+
+    /// Counts an error on this connection and logs it (within the connection-error log budget).
+    fn error(&self, error: ErrorType, message: &'static str) {
+        self.events.error(self.route.route(), error);
+        if self.events.log_allowed(LogEvent::ConnectionError) {
+            in_span(
+                self.span,
+                || tracing::warn!(error.type = error.as_str(), "{message}"),
+            );
         }
     }
 
@@ -767,13 +947,50 @@ fn kind_and_len(msg: &Message) -> (MessageType, usize) {
     }
 }
 
-/// Runs `fut` unless `stop` is cancelled first.
-async fn with_stop<F: std::future::Future>(stop: &CancellationToken, fut: F) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        out = fut => Some(out),
-        _ = stop.cancelled() => None,
+/// How a write ended.
+enum Written<T> {
+    /// It completed (successfully or not).
+    Done(T),
+    /// The connection was stopped while it waited.
+    Stopped,
+    /// It stalled past its bound: `write_timeout`, or `heartbeat_timeout` when the pong came
+    /// due first.
+    TimedOut(CloseReason),
+}
+
+/// How long a write may wait for the socket.
+#[derive(Debug, Clone, Copy)]
+struct WriteBound {
+    timeout: Duration,
+    pong_due: Option<Instant>,
+}
+
+/// Runs a write. Most complete at once: then no timer is armed and no stop future made. One
+/// that must wait races the stop signal and its bound, in a boxed future of its own (the
+/// connection future stays small for every idle connection).
+async fn write<F: Future>(
+    stop: &CancellationToken,
+    bound: WriteBound,
+    fut: F,
+) -> Written<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+        return Written::Done(out);
     }
+    Box::pin(async move {
+        let stall_until = Instant::now() + bound.timeout;
+        let (deadline, reason) = match bound.pong_due {
+            Some(due) if due < stall_until => (due, CloseReason::HeartbeatTimeout),
+            _ => (stall_until, CloseReason::WriteTimeout),
+        };
+        tokio::select! {
+            biased;
+            out = fut => Written::Done(out),
+            _ = stop.cancelled() => Written::Stopped,
+            _ = tokio::time::sleep_until(deadline.into()) => Written::TimedOut(reason),
+        }
+    })
+    .await
 }
 
 async fn recv_queued(rx: &mut Option<mpsc::Receiver<Message>>) -> Option<Message> {

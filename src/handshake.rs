@@ -2,14 +2,14 @@
 //! Origin, the upgrade headers and the connection limit. Each refusal is a plain HTTP answer
 //! (400, 403, 503...) counted in `websocket.server.rejected_connections` by `error.type`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -19,10 +19,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::connection::{self, ConnectionContext, ConnectionKind};
+use crate::connection::{self, ConnectionContext, ConnectionKind, ConnectionLimits, Identity};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
+use crate::sources::{OpenSlot, Refusal, Sources};
+use crate::telemetry::log_limit::LogEvent;
 use crate::telemetry::traces::remote_parent;
 use crate::telemetry::{ErrorType, Events, RejectReason, Route, Spans};
 use crate::upgrade::{Socket, UpgradeError, UpgradeRequest};
@@ -51,6 +54,10 @@ struct WsInner {
     next_id: AtomicU64,
     allowed_origins: Vec<String>,
     spans: Option<Arc<Spans>>,
+    /// Verifies tokens, when authentication is on.
+    auth: Option<Authenticator>,
+    /// Per-source counts and limits.
+    sources: Sources,
 }
 
 impl WsState {
@@ -60,6 +67,8 @@ impl WsState {
         events: Events,
         spans: Option<Spans>,
         shutdown: CancellationToken,
+        auth: Option<Authenticator>,
+        sources: Sources,
     ) -> Self {
         let spans = spans.map(Arc::new);
         let allowed_origins = config
@@ -77,8 +86,15 @@ impl WsState {
                 allowed_origins,
                 spans,
                 config,
+                auth,
+                sources,
             }),
         }
+    }
+
+    /// The per-source counts (shared with the accept loop).
+    pub fn sources(&self) -> &Sources {
+        &self.inner.sources
     }
 
     /// Connections open right now (handshakes accepted and not yet finished).
@@ -97,31 +113,34 @@ impl WsState {
 /// The WebSocket router: `/ws/echo` and `/ws/rooms/{room}`.
 pub fn router(state: WsState) -> Router {
     let events = state.inner.events.clone();
+    let sources = state.inner.sources.clone();
     Router::new()
         .route("/ws/echo", get(echo))
         .route("/ws/rooms/{room}", get(room))
         .with_state(state)
-        .layer(middleware::from_fn(upgrade_span))
+        .layer(middleware::from_fn_with_state(sources, upgrade_span))
         .layer(middleware::from_fn_with_state(events, http_metrics::record))
 }
 
 async fn echo(
     State(state): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    uri: Uri,
     headers: HeaderMap,
     ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
-    upgrade(state, Route::Echo, None, peer, &headers, ws)
+    upgrade(state, Route::Echo, None, peer, &uri, &headers, ws)
 }
 
 async fn room(
     State(state): State<WsState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(name): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
-    upgrade(state, Route::Rooms, Some(name), peer, &headers, ws)
+    upgrade(state, Route::Rooms, Some(name), peer, &uri, &headers, ws)
 }
 
 fn reject(
@@ -129,9 +148,9 @@ fn reject(
     route: Route,
     reason: RejectReason,
     status: StatusCode,
-    peer: SocketAddr,
+    client: IpAddr,
 ) -> Response {
-    reject_with(events, route, reason, status, HeaderMap::new(), peer)
+    reject_with(events, route, reason, status, HeaderMap::new(), client)
 }
 
 /// Counts and logs a refused handshake and answers it; the reason also travels with the
@@ -142,16 +161,18 @@ fn reject_with(
     reason: RejectReason,
     status: StatusCode,
     headers: HeaderMap,
-    peer: SocketAddr,
+    client: IpAddr,
 ) -> Response {
     events.handshake_rejected(Some(route), reason);
-    tracing::info!(
-        http.route = route.as_str(),
-        error.type = reason.as_str(),
-        client.address = %peer.ip(),
-        http.response.status_code = status.as_u16(),
-        "handshake rejected"
-    );
+    if events.log_allowed(LogEvent::HandshakeRejected) {
+        tracing::info!(
+            http.route = route.as_str(),
+            error.type = reason.as_str(),
+            client.address = %client,
+            http.response.status_code = status.as_u16(),
+            "handshake rejected"
+        );
+    }
     let mut response = (status, headers, reason.as_str()).into_response();
     response.extensions_mut().insert(reason);
     response
@@ -162,18 +183,20 @@ fn upgrade(
     route: Route,
     room: Option<String>,
     peer: SocketAddr,
+    uri: &Uri,
     headers: &HeaderMap,
     ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
     let s = &state.inner;
     let events = &s.events;
+    let client = s.sources.client_address(peer.ip(), headers);
     if s.shutdown.is_cancelled() {
         return reject(
             events,
             route,
             RejectReason::ShuttingDown,
             StatusCode::SERVICE_UNAVAILABLE,
-            peer,
+            client,
         );
     }
     if let Some(name) = &room {
@@ -183,7 +206,7 @@ fn upgrade(
                 route,
                 RejectReason::InvalidRoom,
                 StatusCode::BAD_REQUEST,
-                peer,
+                client,
             );
         }
     }
@@ -193,7 +216,7 @@ fn upgrade(
             route,
             RejectReason::OriginDenied,
             StatusCode::FORBIDDEN,
-            peer,
+            client,
         );
     }
     let ws = match ws {
@@ -205,9 +228,29 @@ fn upgrade(
                 err.reason(),
                 err.status(),
                 err.headers(),
-                peer,
+                client,
             );
         }
+    };
+    let grant = match &s.auth {
+        None => None,
+        Some(auth) => match auth.authorize(headers, uri, room.as_deref()) {
+            Ok(grant) => Some(grant),
+            Err(err) => return reject(events, route, err.reason(), err.status(), client),
+        },
+    };
+    let source = match s.sources.open(client) {
+        Ok(slot) => slot,
+        Err(Refusal::IpLimit) => {
+            return reject(
+                events,
+                route,
+                RejectReason::IpLimit,
+                StatusCode::TOO_MANY_REQUESTS,
+                client,
+            );
+        }
+        Err(_) => unreachable!("open() refuses only for the per-address limit"),
     };
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
         return reject(
@@ -215,9 +258,21 @@ fn upgrade(
             route,
             RejectReason::ConnectionLimit,
             StatusCode::SERVICE_UNAVAILABLE,
-            peer,
+            client,
         );
     };
+    let may_publish = match (&grant, &room) {
+        (Some(g), Some(room)) => g.may_publish(room),
+        _ => true,
+    };
+    let identity = Box::new(Identity {
+        client,
+        peer,
+        subject: grant.as_ref().map(|g| g.subject.clone()),
+    });
+    let expires_at = grant
+        .as_ref()
+        .map(|g| std::time::Instant::now() + g.remaining());
 
     let config = &s.config;
     let kind = match room {
@@ -244,8 +299,17 @@ fn upgrade(
             kind,
             span,
             spans: s.spans.clone(),
+            identity,
+            limits: ConnectionLimits {
+                write_timeout: config.write_timeout,
+                publish_rate: config.publish_rate,
+                publish_burst: config.publish_burst,
+                may_publish,
+                expires_at,
+            },
         },
         permit,
+        source,
     });
     let max = config.max_message_size;
     let socket_config = tungstenite::protocol::WebSocketConfig::default()
@@ -263,6 +327,8 @@ struct Pending {
     ctx: ConnectionContext,
     /// The connection's slot, released when its task ends.
     permit: OwnedSemaphorePermit,
+    /// Its place in its client address's count, released with it.
+    source: OpenSlot,
 }
 
 impl Pending {
@@ -273,7 +339,11 @@ impl Pending {
     /// future is stored once.
     #[allow(clippy::boxed_local)] // the box is what keeps axum's upgrade callback small
     fn start(self: Box<Self>, socket: Socket) -> impl std::future::Future<Output = ()> {
-        let Pending { ctx, permit } = *self;
+        let Pending {
+            ctx,
+            permit,
+            source,
+        } = *self;
         let (id, route, events) = (ctx.id, ctx.route, ctx.events.clone());
         AssertUnwindSafe(connection::serve(socket, ctx))
             .catch_unwind()
@@ -287,18 +357,31 @@ impl Pending {
                     );
                 }
                 drop(permit);
+                drop(source);
             })
     }
 }
 
 /// Longest `User-Agent` kept on a span: the header is client input.
 const MAX_USER_AGENT: usize = 256;
+/// Longest `url.path` kept on a span (and so in the log lines written inside it).
+const MAX_PATH: usize = 256;
+
+/// `s` cut to at most `max` characters.
+fn capped(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => &s[..at],
+        None => s,
+    }
+}
 
 /// The upgrade request's `SERVER` span, with the HTTP semantic-convention attributes. Its parent
 /// is the client's W3C `traceparent`, when valid; a malformed one starts a new trace and never
 /// fails the upgrade. A refused handshake ends the span with error status and `error.type`;
-/// `user_agent.original` is present only when the request has a `User-Agent`.
-async fn upgrade_span(req: Request, next: Next) -> Response {
+/// `user_agent.original` is present only when the request has a `User-Agent`. `client.address`
+/// is the client (what a trusted proxy forwarded), `network.peer.address` the TCP peer; the
+/// query string (it may carry a token) is never recorded, and the path is cut to 256 characters.
+async fn upgrade_span(State(sources): State<Sources>, req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -307,8 +390,11 @@ async fn upgrade_span(req: Request, next: Next) -> Response {
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
+        .map(|c| c.0.ip());
+    let client = peer
+        .map(|p| sources.client_address(p, req.headers()).to_string())
         .unwrap_or_default();
+    let peer = peer.map(|p| p.to_string()).unwrap_or_default();
     let user_agent = req
         .headers()
         .get(header::USER_AGENT)
@@ -324,8 +410,9 @@ async fn upgrade_span(req: Request, next: Next) -> Response {
         http.request.method = method,
         http.route = route,
         url.scheme = "http",
-        url.path = req.uri().path(),
-        client.address = peer,
+        url.path = capped(req.uri().path(), MAX_PATH),
+        client.address = client,
+        network.peer.address = peer,
         user_agent.original = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         error.type = tracing::field::Empty,

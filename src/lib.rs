@@ -6,6 +6,7 @@
 #![warn(missing_docs, clippy::print_stdout)]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod handshake;
@@ -15,6 +16,7 @@ pub mod limits;
 pub mod profiling;
 pub mod rooms;
 pub mod server;
+pub mod sources;
 pub mod telemetry;
 pub mod upgrade;
 pub mod wire;

@@ -26,6 +26,10 @@ fn main() -> ExitCode {
             return fatal(line.trim_start_matches("error: "));
         }
     };
+    // A key that does not load is a configuration error like any other: one line, exit 2.
+    if let Err(err) = wsotel::auth::Authenticator::from_settings(&config.auth()) {
+        return fatal(&format!("authentication key: {err}"));
+    }
     let otlp = match telemetry::OtlpSettings::from_env() {
         Ok(s) => s,
         Err(err) => return fatal(&err),

@@ -1,10 +1,12 @@
 //! `run`: the WebSocket listener, the admin listener, and graceful shutdown.
 //!
-//! The WebSocket listener has its own accept loop over hyper's HTTP/1 connection builder
-//! rather than `axum::serve`, for three things `axum::serve` does not give: a header read
-//! timeout (`--handshake-timeout`, so a client trickling headers cannot hold a socket), a
-//! counted rejection when that timeout fires, and a clear log line when `accept` fails for lack
-//! of file descriptors.
+//! Both listeners have their own accept loop over hyper's HTTP/1 connection builder rather than
+//! `axum::serve`, for what `axum::serve` does not give: a header read timeout
+//! (`--handshake-timeout`, so a client trickling headers cannot hold a socket, on the admin
+//! listener too), counted refusals when it fires or a request head is too large or malformed,
+//! per-source limits checked as each socket is accepted (see [`crate::sources`]), a shutdown
+//! that does not wait on an admin client, and a clear log line when `accept` fails for lack of
+//! file descriptors.
 //!
 //! Shutdown, once the `shutdown` future resolves:
 //! 1. `/readyz` turns 503 and new upgrades get 503 (`shutting_down`);
@@ -27,12 +29,18 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::admin;
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::handshake::{self, WsState};
-use crate::telemetry::{RejectReason, Telemetry};
+use crate::sources::{FD_RESERVE, Refusal, SourceLimits, Sources};
+use crate::telemetry::log_limit::{LogEvent, REPORT_EVERY};
+use crate::telemetry::{Events, RejectReason, Telemetry};
 
 /// Largest request head accepted (431 beyond).
 const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Longest an admin-listener client may hold the exit once the drain is over.
+const ADMIN_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// Errors that stop the server.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +48,9 @@ pub enum ServerError {
     /// The admin listener failed.
     #[error("admin listener: {0}")]
     Admin(#[source] std::io::Error),
+    /// The configuration cannot be used (an authentication key that does not load).
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Runs the server on already-bound listeners until `shutdown` resolves, then drains.
@@ -57,31 +68,51 @@ pub async fn run(
     let stop_listeners = CancellationToken::new();
     let drain_timeout = config.drain_timeout;
     let handshake_timeout = config.handshake_timeout;
+    let events = telemetry.events().clone();
+    events.log_limiter().set_rate(config.log_rate);
+
+    let auth = Authenticator::from_settings(&config.auth())
+        .map_err(|e| ServerError::Config(format!("authentication key: {e}")))?;
+    match &auth {
+        Some(_) => tracing::info!("authentication on: every upgrade needs a valid token"),
+        None => tracing::info!(
+            "authentication off: anyone who reaches the listener may use any room \
+             (set --auth-hs256-secret-file, --auth-rs256-public-key-file, \
+             --auth-es256-public-key-file or --auth-jwks-file to turn it on)"
+        ),
+    }
+    let sources = Sources::new(source_limits(&config));
 
     let state = WsState::new(
         config,
-        telemetry.events().clone(),
+        events.clone(),
         telemetry.spans().cloned(),
         draining.clone(),
+        auth,
+        sources.clone(),
     );
     let ws_router = handshake::router(state.clone());
     let accept = tokio::spawn(accept_loop(
         ws_listener,
         ws_router,
         handshake_timeout,
-        telemetry.clone(),
+        events.clone(),
+        Some(sources),
         stop_listeners.clone(),
     ));
 
     let admin_router = admin::router(telemetry.clone(), draining.clone());
-    let admin_stop = stop_listeners.clone();
-    let admin = tokio::spawn(async move {
-        axum::serve(admin_listener, admin_router)
-            .with_graceful_shutdown(async move { admin_stop.cancelled().await })
-            .await
-    });
+    let admin = tokio::spawn(accept_loop(
+        admin_listener,
+        admin_router,
+        handshake_timeout,
+        events.clone(),
+        None,
+        stop_listeners.clone(),
+    ));
 
     let trimmer = tokio::spawn(give_back_memory(state.clone(), stop_listeners.clone()));
+    let reporter = tokio::spawn(report_suppressed_logs(events, stop_listeners.clone()));
     shutdown.await;
     let open = state.open_connections();
     tracing::info!(open_connections = open, "shutdown requested: draining");
@@ -105,18 +136,73 @@ pub async fn run(
     stop_listeners.cancel();
     let _ = accept.await;
     let _ = trimmer.await;
+    let _ = reporter.await;
     match admin.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ServerError::Admin(e)),
+        Ok(()) => Ok(()),
         Err(join) => Err(ServerError::Admin(std::io::Error::other(join))),
     }
 }
 
+/// The per-source limits from `config`, and the descriptors the WebSocket listener may use:
+/// the open-file limit less [`FD_RESERVE`]. Warns when `--max-connections` cannot be reached.
+fn source_limits(config: &Config) -> SourceLimits {
+    let fd_limit = crate::limits::open_file_limit();
+    let max_sockets = fd_limit.map_or(u64::MAX, |l| l.saturating_sub(FD_RESERVE));
+    let wanted = u64::from(config.max_connections) + u64::from(config.max_pending_handshakes);
+    if wanted > max_sockets {
+        tracing::warn!(
+            open_file_limit = fd_limit.unwrap_or(0) as i64,
+            max_connections = config.max_connections as i64,
+            max_pending_handshakes = config.max_pending_handshakes as i64,
+            "the open-file limit, less {FD_RESERVE} descriptors kept for the admin listener, is \
+             below --max-connections plus --max-pending-handshakes: raise the limit (ulimit -n, \
+             LimitNOFILE=) to reach them"
+        );
+    }
+    SourceLimits {
+        max_pending: config.max_pending_handshakes,
+        max_pending_per_ip: config.max_pending_per_ip,
+        max_open_per_ip: config.max_connections_per_ip,
+        max_sockets,
+        trusted_proxies: config.trusted_proxies.clone(),
+    }
+}
+
+/// Every [`REPORT_EVERY`], one line per event whose log lines were held back.
+async fn report_suppressed_logs(events: Events, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        for (event, count) in events.log_limiter().take_suppressed() {
+            if count > 0 {
+                tracing::warn!(
+                    event = event.as_str(),
+                    suppressed = count as i64,
+                    "log lines suppressed by --log-rate"
+                );
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `stop`. With `sources` (the WebSocket listener), every
+/// socket is admitted against the per-source limits first. Once stopped, open HTTP connections
+/// are shut down gracefully, but an admin client cannot hold the exit past [`ADMIN_SHUTDOWN`]
+/// (upgraded WebSockets are not HTTP connections any more: the drain closes them).
 async fn accept_loop(
     listener: TcpListener,
     router: Router,
     handshake_timeout: Duration,
-    telemetry: Arc<Telemetry>,
+    events: Events,
+    sources: Option<Sources>,
     stop: CancellationToken,
 ) {
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -129,9 +215,10 @@ async fn accept_loop(
         .max_buf_size(64 * 1024);
     let builder = Arc::new(builder);
     let mut last_fd_warning: Option<Instant> = None;
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
@@ -140,6 +227,19 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        let slot = match sources.as_ref().map(|s| s.admit(peer.ip())) {
+            Some(Err(refusal)) => {
+                let reason = match refusal {
+                    Refusal::Descriptors => RejectReason::DescriptorLimit,
+                    _ => RejectReason::PendingLimit,
+                };
+                refused(&events, reason, peer);
+                // Dropped at once: the client sees its connection closed.
+                continue;
+            }
+            Some(Ok(slot)) => Some(slot),
+            None => None,
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
@@ -151,8 +251,9 @@ async fn accept_loop(
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
             .with_upgrades();
         let stop = stop.clone();
-        let events = telemetry.events().clone();
-        tokio::spawn(async move {
+        let events = events.clone();
+        let counted = sources.is_some();
+        connections.spawn(async move {
             tokio::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -161,15 +262,46 @@ async fn accept_loop(
                     conn.await
                 }
             };
+            // The socket is no longer pending: refused, timed out, closed, or upgraded (then
+            // its connection counts it).
+            drop(slot);
             if let Err(err) = result {
-                if err.is_timeout() {
-                    events.handshake_rejected(None, RejectReason::HandshakeTimeout);
-                    tracing::info!(client.address = %peer.ip(), "handshake timeout");
+                if !counted {
+                    // The admin listener: its refusals are not WebSocket handshakes.
+                    tracing::debug!(client.address = %peer.ip(), error = %err, "admin connection error");
+                } else if err.is_timeout() {
+                    refused(&events, RejectReason::HandshakeTimeout, peer);
+                } else if err.is_parse_too_large() {
+                    refused(&events, RejectReason::HeaderTooLarge, peer);
+                } else if err.is_parse() {
+                    refused(&events, RejectReason::MalformedRequest, peer);
                 } else {
                     tracing::debug!(client.address = %peer.ip(), error = %err, "http connection error");
                 }
             }
         });
+    }
+    connections.close();
+    if tokio::time::timeout(ADMIN_SHUTDOWN, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::debug!(
+            open = connections.len() as i64,
+            "HTTP connections still open after the shutdown bound: dropped"
+        );
+    }
+}
+
+/// Counts and logs (within the log budget) a socket refused before any request was answered.
+fn refused(events: &Events, reason: RejectReason, peer: SocketAddr) {
+    events.handshake_rejected(None, reason);
+    if events.log_allowed(LogEvent::HandshakeRejected) {
+        tracing::info!(
+            error.type = reason.as_str(),
+            client.address = %peer.ip(),
+            "connection refused before the upgrade"
+        );
     }
 }
 
@@ -221,7 +353,8 @@ fn accept_error(err: &std::io::Error, last: &mut Option<Instant>) {
         Some(libc::EMFILE) | Some(libc::ENFILE) => tracing::error!(
             error = %err,
             open_file_limit = crate::limits::open_file_limit().unwrap_or(0) as i64,
-            "refusing connections: out of file descriptors (raise the open-file limit or lower --max-connections)"
+            "refusing connections: out of file descriptors (raise the open-file limit: ulimit -n, \
+             LimitNOFILE=, or the container's nofile ulimit)"
         ),
         _ => tracing::warn!(error = %err, "accept failed"),
     }

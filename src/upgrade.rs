@@ -25,6 +25,9 @@ pub type Socket = WebSocketStream<Watched<TokioIo<Upgraded>>>;
 pub struct UpgradeRequest {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
+    /// The subprotocol the 101 names: only `wsotel.bearer`, when the client carries its token
+    /// that way.
+    protocol: Option<HeaderValue>,
 }
 
 /// Why a request is not an upgrade this server accepts.
@@ -40,9 +43,9 @@ pub enum UpgradeError {
     MissingKey,
     /// The connection cannot be upgraded (not HTTP/1.1) (426).
     NotUpgradable,
-    /// The client asked for a subprotocol (`Sec-WebSocket-Protocol`); the server speaks none, and
-    /// a 101 without one makes a browser abort at once, so it is refused (400) where it can be
-    /// counted and logged.
+    /// The client asked for a subprotocol (`Sec-WebSocket-Protocol`) other than the token
+    /// carrier `wsotel.bearer, <token>`; the server speaks none, and a 101 without one makes a
+    /// browser abort at once, so it is refused (400) where it can be counted and logged.
     UnsupportedSubprotocol,
 }
 
@@ -113,14 +116,22 @@ impl<S: Send + Sync> FromRequestParts<S> for UpgradeRequest {
             .get(header::SEC_WEBSOCKET_KEY)
             .ok_or(UpgradeError::MissingKey)?
             .clone();
-        if h.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
-            return Err(UpgradeError::UnsupportedSubprotocol);
-        }
+        let protocol = match h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().count() {
+            0 => None,
+            1 if crate::auth::subprotocol_token(h).is_some() => {
+                Some(HeaderValue::from_static(crate::auth::BEARER_PROTOCOL))
+            }
+            _ => return Err(UpgradeError::UnsupportedSubprotocol),
+        };
         let on_upgrade = parts
             .extensions
             .remove::<OnUpgrade>()
             .ok_or(UpgradeError::NotUpgradable)?;
-        Ok(UpgradeRequest { key, on_upgrade })
+        Ok(UpgradeRequest {
+            key,
+            on_upgrade,
+            protocol,
+        })
     }
 }
 
@@ -133,7 +144,11 @@ impl UpgradeRequest {
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let UpgradeRequest { key, on_upgrade } = self;
+        let UpgradeRequest {
+            key,
+            on_upgrade,
+            protocol,
+        } = self;
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
@@ -147,7 +162,7 @@ impl UpgradeRequest {
             on_socket(socket).await;
         });
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        (
+        let mut response = (
             StatusCode::SWITCHING_PROTOCOLS,
             [
                 (header::CONNECTION, HeaderValue::from_static("upgrade")),
@@ -158,7 +173,13 @@ impl UpgradeRequest {
                 ),
             ],
         )
-            .into_response()
+            .into_response();
+        if let Some(protocol) = protocol {
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        response
     }
 }
 
@@ -215,6 +236,12 @@ mod tests {
             parse(sub).await.err(),
             Some(UpgradeError::UnsupportedSubprotocol)
         );
+        // The token carrier is the one subprotocol spoken (valid up to the upgrade handle).
+        let bearer = upgrade()
+            .header("sec-websocket-protocol", "wsotel.bearer, a.b.c")
+            .body(())
+            .unwrap();
+        assert_eq!(parse(bearer).await.err(), Some(UpgradeError::NotUpgradable));
         let err = UpgradeError::UnsupportedVersion.into_response();
         assert_eq!(err.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(err.headers()[header::SEC_WEBSOCKET_VERSION], "13");

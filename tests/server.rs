@@ -539,7 +539,13 @@ async fn slowloris_is_cut_off_at_the_handshake_timeout() {
 
 #[tokio::test]
 async fn slow_consumer_is_disconnected_and_others_are_unaffected() {
-    let server = TestServer::start_with(|c| c.outbound_queue = 8).await;
+    let server = TestServer::start_with(|c| {
+        c.outbound_queue = 8;
+        // 600 messages in ~0.2 s: this test is about the slow reader, not the publisher's rate
+        // (tests/security.rs holds that).
+        c.publish_rate = 0;
+    })
+    .await;
     let url = server.url("/ws/rooms/busy");
     // The slow member: a tiny receive buffer and it never reads.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();

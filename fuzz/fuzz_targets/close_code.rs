@@ -27,6 +27,10 @@ fuzz_target!(|data: &[u8]| {
                 | CloseReason::HeartbeatTimeout
                 | CloseReason::SlowConsumer
                 | CloseReason::ServerShutdown
+                | CloseReason::RateLimited
+                | CloseReason::WriteTimeout
+                | CloseReason::TokenExpired
+                | CloseReason::PublishForbidden
         ),
         "{code:?} -> server-only reason {reason:?}"
     );

@@ -19,12 +19,14 @@ use opentelemetry::metrics::{
 use super::labels::{
     CloseInitiator, CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route,
 };
+use super::log_limit::{LogEvent, LogLimiter};
 
 const ROUTE: &str = "http.route";
 const DIRECTION: &str = "network.io.direction";
 const MESSAGE_TYPE: &str = "websocket.message.type";
 const CLOSE_REASON: &str = "websocket.close.reason";
 const CLOSE_INITIATOR: &str = "websocket.close.initiator";
+const LOG_EVENT: &str = "event";
 const ERROR_TYPE: &str = "error.type";
 const DROP_REASON: &str = "reason";
 
@@ -133,6 +135,7 @@ pub(crate) struct Instruments {
     dropped: Counter<u64>,
     rooms: UpDownCounter<i64>,
     http_duration: Histogram<f64>,
+    log_suppressed: Counter<u64>,
 }
 
 impl Instruments {
@@ -214,6 +217,13 @@ impl Instruments {
                 )
                 .with_boundaries(buckets::HTTP_SECONDS.to_vec())
                 .build(),
+            log_suppressed: meter
+                .u64_counter("websocket.server.log.suppressed")
+                .with_unit("{line}")
+                .with_description(
+                    "Connection-level log lines held back by the per-event log rate, by event.",
+                )
+                .build(),
         }
     }
 }
@@ -228,6 +238,7 @@ struct EventsInner {
     instruments: Instruments,
     routes: [Arc<RouteInstruments>; 2],
     ping: BoundHistogram<f64>,
+    logs: LogLimiter,
 }
 
 impl Events {
@@ -238,6 +249,11 @@ impl Events {
         // Series that should read 0 rather than be absent before the first event, so rates and
         // alerts work from the first scrape. Every value is from a bounded set.
         instruments.rooms.add(0, &[]);
+        for e in LogEvent::ALL {
+            instruments
+                .log_suppressed
+                .add(0, &[KeyValue::new(LOG_EVENT, e.as_str())]);
+        }
         for route in Route::ALL {
             let r = KeyValue::new(ROUTE, route.as_str());
             for e in ErrorType::ALL {
@@ -254,8 +270,27 @@ impl Events {
                 instruments,
                 routes,
                 ping,
+                logs: LogLimiter::new(0),
             }),
         }
+    }
+
+    /// Whether a connection-level log line of `event` may be written now (see
+    /// [`LogLimiter`]); one held back is counted in `websocket.server.log.suppressed`.
+    pub fn log_allowed(&self, event: LogEvent) -> bool {
+        if self.inner.logs.allow(event) {
+            return true;
+        }
+        self.inner
+            .instruments
+            .log_suppressed
+            .add(1, &[KeyValue::new(LOG_EVENT, event.as_str())]);
+        false
+    }
+
+    /// The log budget.
+    pub fn log_limiter(&self) -> &LogLimiter {
+        &self.inner.logs
     }
 
     /// The bound per-message instruments of `route`.

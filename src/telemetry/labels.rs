@@ -120,11 +120,22 @@ pub enum CloseReason {
     InternalError,
     /// The client closed with a code outside the ones above (application codes 3000-4999...).
     Other,
+    /// A room member published faster than `--publish-rate`/`--publish-burst` allow (close
+    /// 1008 "rate limit exceeded").
+    RateLimited,
+    /// A write made no progress for `--write-timeout` (a client that does not read); the
+    /// connection is cut.
+    WriteTimeout,
+    /// The connection's token expired (close 1008 "token expired").
+    TokenExpired,
+    /// A room member sent to a room its token does not let it publish to (close 1008
+    /// "publish not allowed").
+    PublishForbidden,
 }
 
 impl CloseReason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [CloseReason; 12] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Normal,
         CloseReason::GoingAway,
         CloseReason::ClientAborted,
@@ -137,6 +148,10 @@ impl CloseReason {
         CloseReason::ServerShutdown,
         CloseReason::InternalError,
         CloseReason::Other,
+        CloseReason::RateLimited,
+        CloseReason::WriteTimeout,
+        CloseReason::TokenExpired,
+        CloseReason::PublishForbidden,
     ];
 
     /// The attribute value.
@@ -154,6 +169,10 @@ impl CloseReason {
             CloseReason::ServerShutdown => "server_shutdown",
             CloseReason::InternalError => "internal_error",
             CloseReason::Other => "other",
+            CloseReason::RateLimited => "rate_limited",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::PublishForbidden => "publish_forbidden",
         }
     }
 
@@ -224,6 +243,26 @@ pub enum RejectReason {
     /// The client asked for a subprotocol (`Sec-WebSocket-Protocol`) and the server speaks
     /// none (400).
     UnsupportedSubprotocol,
+    /// Authentication is on and the request carries no token (401).
+    TokenMissing,
+    /// The token does not verify, is malformed or names an unknown key (401).
+    TokenInvalid,
+    /// The token has expired (401).
+    TokenExpired,
+    /// The token does not grant the room (403).
+    RoomForbidden,
+    /// The client address has `--max-connections-per-ip` connections open (429).
+    IpLimit,
+    /// Too many sockets (in all, or from this address) have not finished their upgrade: the
+    /// new socket is closed at once.
+    PendingLimit,
+    /// The WebSocket listener is at its share of the open-file limit (descriptors kept in
+    /// reserve for the admin listener): the new socket is closed at once.
+    DescriptorLimit,
+    /// The request head is over 16 KiB (431, answered by the HTTP layer).
+    HeaderTooLarge,
+    /// The request is not valid HTTP/1.1 (400, answered by the HTTP layer).
+    MalformedRequest,
 }
 
 impl RejectReason {
@@ -237,6 +276,15 @@ impl RejectReason {
             RejectReason::ShuttingDown => "shutting_down",
             RejectReason::HandshakeTimeout => "handshake_timeout",
             RejectReason::UnsupportedSubprotocol => "unsupported_subprotocol",
+            RejectReason::TokenMissing => "token_missing",
+            RejectReason::TokenInvalid => "token_invalid",
+            RejectReason::TokenExpired => "token_expired",
+            RejectReason::RoomForbidden => "room_forbidden",
+            RejectReason::IpLimit => "ip_limit",
+            RejectReason::PendingLimit => "pending_limit",
+            RejectReason::DescriptorLimit => "descriptor_limit",
+            RejectReason::HeaderTooLarge => "header_too_large",
+            RejectReason::MalformedRequest => "malformed_request",
         }
     }
 }
@@ -258,11 +306,17 @@ pub enum ErrorType {
     SlowConsumer,
     /// A connection task panicked.
     Panic,
+    /// A room member exceeded its publish rate.
+    RateLimited,
+    /// A write made no progress for `--write-timeout`.
+    WriteTimeout,
+    /// A room member sent to a room it may not publish to.
+    PublishForbidden,
 }
 
 impl ErrorType {
     /// Every error type.
-    pub const ALL: [ErrorType; 7] = [
+    pub const ALL: [ErrorType; 10] = [
         ErrorType::MessageTooBig,
         ErrorType::InvalidUtf8,
         ErrorType::Protocol,
@@ -270,6 +324,9 @@ impl ErrorType {
         ErrorType::HeartbeatTimeout,
         ErrorType::SlowConsumer,
         ErrorType::Panic,
+        ErrorType::RateLimited,
+        ErrorType::WriteTimeout,
+        ErrorType::PublishForbidden,
     ];
 
     /// The attribute value.
@@ -282,6 +339,9 @@ impl ErrorType {
             ErrorType::HeartbeatTimeout => "heartbeat_timeout",
             ErrorType::SlowConsumer => "slow_consumer",
             ErrorType::Panic => "panic",
+            ErrorType::RateLimited => "rate_limited",
+            ErrorType::WriteTimeout => "write_timeout",
+            ErrorType::PublishForbidden => "publish_forbidden",
         }
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod instruments;
 pub mod labels;
+pub mod log_limit;
 pub mod logging;
 pub mod otlp;
 pub mod process;

@@ -8,15 +8,21 @@
 - collector: every pipeline names only defined components, every defined component is used,
   memory_limiter first, component keys among those of the pinned version;
 - Tempo, Loki: top-level and key sections among the pinned versions' keys; storage on the
-  mounted volumes; the OTLP/structured-metadata prerequisites;
+  mounted volumes; the OTLP/structured-metadata prerequisites; the exemplar trace-id label Tempo
+  writes is the one Grafana's Prometheus datasource reads; local-blocks keeps every span (TraceQL
+  metrics see websocket.connection); usage reporting off in both;
 - Prometheus: the otlp block's keys (3.x-only, so promtool 2.42 cannot), the ingest label on
   both paths, the compose flags the config relies on;
 - Grafana: every panel's datasource uid is provisioned, every signal link points at an
-  existing uid, provisioning files escape template variables ($$), dashboard layout, variables,
-  the issue's panels, the committed JSON equals grafana/build-dashboard.py's output;
+  existing uid (the Loki -> Tempo matcher anchored to the trace_id key), provisioning files
+  escape template variables ($$), dashboard layout, variables, the issue's panels (the problems
+  log panel's filter, the slowest-spans panel without a fixed threshold), panels splitting by
+  close reason also split by initiator, the committed JSON equals grafana/build-dashboard.py's
+  output;
 - metric names in every dashboard and rule expression exist in docs/metrics.md;
 - alert rules: annotations, runbook anchors in docs/alerts.md, and a firing and a
-  non-firing promtool test case for every alert.
+  non-firing promtool test case for every alert; a rule that reads close reasons counts only
+  closes the server initiated (websocket_close_initiator="server"), client_aborted excepted.
 """
 
 import glob
@@ -159,10 +165,65 @@ LOKI_TOP = {"target", "auth_enabled", "server", "common", "schema_config", "limi
             "bloom_build", "bloom_gateway", "tracing", "runtime_config", "chunk_store_config", "operational_config"}
 
 
+# Nested Tempo keys this project uses, from the yaml tags of the v2.8.1 source
+# (modules/generator/config.go, processor/localblocks/config.go, registry/config.go,
+# storage/config.go, modules/overrides/config.go, pkg/usagestats/config.go).
+TEMPO_KEYS = {
+    ("metrics_generator",): {"ring", "processor", "registry", "storage", "traces_storage", "traces_query_storage",
+                             "metrics_ingestion_time_range_slack", "query_timeout", "override_ring_key", "codec",
+                             "disable_local_blocks", "disable_grpc", "ingest_concurrency", "instance_id"},
+    ("metrics_generator", "processor"): {"service_graphs", "span_metrics", "local_blocks", "host_info"},
+    ("metrics_generator", "processor", "local_blocks"): {
+        "block", "search", "flush_check_period", "trace_idle_period", "max_block_duration", "max_block_bytes",
+        "concurrency", "complete_block_timeout", "max_live_traces", "max_live_traces_bytes", "filter_server_spans",
+        "flush_to_storage", "concurrent_blocks", "time_overlap_cutoff"},
+    ("metrics_generator", "registry"): {"collection_interval", "stale_duration", "external_labels", "inject_tenant_id_as",
+                                        "max_label_name_length", "max_label_value_length"},
+    ("metrics_generator", "storage"): {"path", "wal", "remote_write_flush_deadline", "remote_write_add_org_id_header",
+                                       "remote_write"},
+    ("overrides", "defaults", "metrics_generator"): {
+        "ring_size", "processors", "max_active_series", "collection_interval", "disable_collection",
+        "generate_native_histograms", "trace_id_label_name", "remote_write_headers", "forwarder", "processor",
+        "ingestion_time_range_slack"},
+    ("usage_report",): {"reporting_enabled", "backoff"},
+}
+
+
+def dig(d, path):
+    for k in path:
+        d = (d or {}).get(k)
+    return d
+
+
 def check_tempo_loki(services):
     t = load("tempo/tempo.yaml")
     extra = set(t) - TEMPO_TOP
     check(not extra, "tempo: top-level keys are Tempo 2.8 keys", str(extra))
+    for path, allowed in TEMPO_KEYS.items():
+        sect = dig(t, path)
+        if sect is not None:
+            extra = set(sect) - allowed
+            check(not extra, f"tempo: {'.'.join(path)} keys are Tempo 2.8.1 keys", str(extra))
+    # Exemplars: Tempo's metrics generator puts the trace id under trace_id_label_name (default
+    # `traceID` when the key is absent); Grafana links an exemplar to a trace only through the
+    # label its exemplarTraceIdDestinations name. They must be the same string.
+    written = dig(t, ("overrides", "defaults", "metrics_generator", "trace_id_label_name"))
+    check(written is not None, "tempo: overrides.defaults.metrics_generator.trace_id_label_name is set "
+          "(absent, Tempo writes exemplars as traceID)")
+    written = written or "traceID"
+    ds = {d["uid"]: d for d in load("grafana/provisioning/datasources/datasources.yaml")["datasources"]}
+    read_by = [e["name"] for e in ds["prometheus"]["jsonData"].get("exemplarTraceIdDestinations", [])]
+    check(len(read_by) > 0 and all(n == written for n in read_by),
+          "tempo/grafana: the exemplar label Tempo writes is the one the Prometheus datasource reads",
+          f"Tempo writes {written!r}, exemplarTraceIdDestinations read {read_by}")
+    procs = dig(t, ("overrides", "defaults", "metrics_generator", "processors")) or []
+    if "local-blocks" in procs:
+        # Default true: only server-kind and root spans reach TraceQL metrics, so
+        # websocket.connection (internal, child of the upgrade span) would be invisible.
+        check(dig(t, ("metrics_generator", "processor", "local_blocks", "filter_server_spans")) is False,
+              "tempo: local-blocks keeps every span (filter_server_spans: false), not only server/root spans")
+    # Usage reporting: off in both backends (Tempo's default is on, Loki's too).
+    check(dig(t, ("usage_report", "reporting_enabled")) is False, "tempo: usage_report.reporting_enabled is false")
     check(set(t["overrides"]) == {"defaults"}, "tempo: overrides use the 2.x per-tenant format (defaults:)")
     for proto, conf in t["distributor"]["receivers"]["otlp"]["protocols"].items():
         check(conf["endpoint"].startswith("0.0.0.0:"), f"tempo: otlp {proto} receiver listens on all interfaces")
@@ -190,6 +251,13 @@ def check_tempo_loki(services):
     if lk.get("compactor", {}).get("retention_enabled"):
         check(bool(lk["compactor"].get("delete_request_store")), "loki: retention has a delete_request_store (required in 3.x)")
     check(lk["auth_enabled"] is False, "loki: single tenant (no X-Scope-OrgID needed by the collector)")
+    check(dig(lk, ("analytics", "reporting_enabled")) is False, "loki: analytics.reporting_enabled is false")
+    doc = " ".join(read("docs/stack.md").split())
+    said = re.search(r"Usage reporting (?:(?!\.\s).)*?\bis off\b.*?\.(?:\s|$)", doc)  # one sentence
+    check(said is not None and "`usage_report.reporting_enabled: false`" in said.group(0)
+          and "`analytics.reporting_enabled: false`" in said.group(0),
+          "docs/stack.md says usage reporting is off in Tempo and Loki, with their keys",
+          said.group(0) if said else "no 'Usage reporting ... is off' sentence")
 
 
 # -- Prometheus -------------------------------------------------------------------------------------
@@ -280,8 +348,16 @@ def check_grafana(services, cat):
         check(names <= cat, f"grafana: tracesToMetrics '{q['name']}' uses catalog metrics", str(names - cat))
     for f in dss["loki"]["jsonData"]["derivedFields"]:
         check(f["datasourceUid"] in dss, f"grafana: Loki derived field {f['name']} -> existing datasource")
-    check(any(f.get("matcherType") == "label" and f["matcherRegex"] == "trace_id" for f in dss["loki"]["jsonData"]["derivedFields"]),
-          "grafana: Loki -> Tempo on the trace_id structured metadata")
+    # With matcherType label, Grafana takes the first label key the regex matches (RegExp.test,
+    # unanchored): `trace_id` alone would also take parent_trace_id or trace_id_hex.
+    def trace_id_only(rx):
+        rx = rx.replace("$$", "$")  # Grafana's provisioning interpolation: $$ is a literal $
+        return re.search(rx, "trace_id") is not None and not any(
+            re.search(rx, k) for k in ("parent_trace_id", "trace_id_hex", "otel_trace_id", "xtrace_idx"))
+    check(any(f.get("matcherType") == "label" and trace_id_only(f["matcherRegex"])
+              for f in dss["loki"]["jsonData"]["derivedFields"]),
+          "grafana: Loki -> Tempo on the trace_id structured metadata, matcher anchored to that key alone",
+          str([f["matcherRegex"] for f in dss["loki"]["jsonData"]["derivedFields"]]))
     for e in dss["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]:
         check(e["datasourceUid"] in dss, "grafana: Prometheus exemplars -> existing datasource")
 
@@ -358,7 +434,7 @@ def check_grafana(services, cat):
         for words in ["active connections", "open / close rate", "message rate by direction and type", "errors by type",
                       "disconnect reasons", "connection lifetime", "bandwidth", "message handling latency", "ping round trip",
                       "slow consumers and dropped messages", "cpu", "memory", "file descriptors and threads",
-                      "today, yesterday, last week", "(loki)", "slow traces (tempo)"]:
+                      "today, yesterday, last week", "(loki)", "slowest spans by name (tempo)"]:
             check(words in titles, f"{name}: has a '{words}' panel")
         check(types.get("Errors by type") == "piechart", f"{name}: errors by type is a pie chart")
         check("heatmap" in types.values(), f"{name}: connection lifetime heatmap")
@@ -369,6 +445,42 @@ def check_grafana(services, cat):
         stacked = {p["title"]: p["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] for p in d["panels"]
                    if p["title"] in ("CPU", "Memory (resident)")}
         check(stacked == {"CPU": "normal", "Memory (resident)": "normal"}, f"{name}: CPU and memory stacked", str(stacked))
+        # Panels that split by close reason also split (or filter) by who initiated the close:
+        # a client's 1011 and a server panic share the reason internal_error.
+        for p in d["panels"]:
+            for t in p.get("targets", []):
+                e = t.get("expr", "")
+                if (t.get("datasource") or p.get("datasource", {})).get("type") != "prometheus":
+                    continue
+                if "websocket_close_reason" in e:
+                    check("websocket_close_initiator" in e,
+                          f"{name}: '{p['title']}' {t['refId']} splits or filters close reasons by websocket_close_initiator", e)
+        # Logs: what went wrong, whatever its level (OTLP attributes are structured metadata
+        # with underscores): WARN/ERROR, refused handshakes, closes the server initiated for a
+        # fault (not the 1001 of a shutdown).
+        logs = [t["expr"] for p in d["panels"] if p["type"] == "logs" for t in p["targets"]]
+        for what, pat in [("WARN and ERROR lines", r'severity_text=~"\(\?i\)warn\|error"'),
+                          ("refused handshakes (error_type)", r'\berror_type!=""'),
+                          ("server-initiated closes but shutdown",
+                           r'\(websocket_close_initiator="server" and websocket_close_reason!="server_shutdown"\)')]:
+            check(len(logs) == 1 and re.search(pat, logs[0]) is not None, f"{name}: problems log panel shows {what}", str(logs))
+        check(len(logs) == 1 and logs[0].count(" or ") == 2 and " | " in logs[0],
+              f"{name}: problems log panel joins its three filters with `or` in one label filter", str(logs))
+        # Traces: what is slow for this service, not a fixed guess: TraceQL metrics per span name
+        # (needs Tempo's local-blocks processor), no duration threshold.
+        tempo_procs = dig(load("tempo/tempo.yaml"), ("overrides", "defaults", "metrics_generator", "processors")) or []
+        slow = [p for p in d["panels"] if p["title"] == "Slowest spans by name (Tempo)"]
+        if check(len(slow) == 1, f"{name}: one 'Slowest spans by name (Tempo)' panel"):
+            qs = [t.get("query", "") for t in slow[0]["targets"]]
+            check(any(re.search(r"\|\s*max_over_time\(duration\)\s*by\s*\(name\)", q) for q in qs),
+                  f"{name}: slowest spans: max duration by span name (TraceQL metrics)", str(qs))
+            check(all(re.search(r"\|\s*(max_over_time|quantile_over_time)\(duration", q) for q in qs),
+                  f"{name}: slowest spans: every query is a duration metric", str(qs))
+            check(not any(re.search(r"\bduration\s*[<>]=?\s*[0-9]", q) for q in qs),
+                  f"{name}: slowest spans: no fixed duration threshold", str(qs))
+            check(slow[0]["type"] == "timeseries" and slow[0]["fieldConfig"]["defaults"].get("unit") == "s",
+                  f"{name}: slowest spans: a time series in seconds (TraceQL metrics return seconds)")
+            check("local-blocks" in tempo_procs, f"{name}: slowest spans: Tempo runs local-blocks (TraceQL metrics)")
 
 
 # -- alert rules --------------------------------------------------------------------------------------------
@@ -396,6 +508,12 @@ def check_rules(cat):
                 check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"rule {a}: severity label")
                 names = metric_names(r["expr"])
                 check(names and names <= cat, f"rule {a}: uses catalog metrics", str(names - cat))
+                for sel in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*\{[^{}]*\}", r["expr"]):
+                    if "websocket_close_reason" not in sel:
+                        continue
+                    check('websocket_close_initiator="server"' in sel
+                          or re.search(r'websocket_close_reason="client_aborted"', sel) is not None,
+                          f"rule {a}: reads close reasons only of closes the server initiated (or client_aborted)", sel)
                 cases = tests.get(a, [])
                 check(True in cases, f"rule {a}: a promtool test where it fires")
                 check(False in cases, f"rule {a}: a promtool test where it does not fire")

@@ -8,7 +8,9 @@ echo and room traffic, plus misbehaving clients. Then:
 1. every PromQL expression of every dashboard panel (Grafana variables expanded to concrete
    values, twice: $route = All and $route = the rooms route) must parse and return data
    (at least one finite sample); every template variable query must list the live values;
-2. every alert rule expression must parse;
+2. every alert rule expression must parse, and every label value a rule selects with `=` must
+   exist on the real server (a rule filtering on a value the server never writes would never
+   fire: e.g. websocket_close_initiator="server");
 3. the alerts the test provokes must be seen firing in /api/v1/alerts, and the ones it does not
    provoke (target down, metrics absent, memory, CPU) must not be pending or firing.
 
@@ -266,8 +268,16 @@ def run(wsotel_bin, tmp, procs, stop):
     env["OTEL_RESOURCE_ATTRIBUTES"] = f"cloud.region={REGION},deployment.environment.name=e2e"
     env["RUST_LOG"] = "info"
     log = os.path.join(tmp, "wsotel.log")
+    # Authentication on, as in compose.yaml: the load client mints its HS256 dev tokens with the
+    # same secret (so the Python minting is checked against the server's verifier here).
+    secret = os.path.join(tmp, "hs256.secret")
+    with open(secret, "wb") as f:
+        f.write(os.urandom(24).hex().encode())
+    with open(secret, "rb") as f:
+        wsload.TOKEN_SECRET = f.read().strip()
     ws = procs.start("wsotel", [wsotel_bin, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                                "--ping-interval", "1s", "--pong-timeout", "1s"], log, env)
+                                "--ping-interval", "1s", "--pong-timeout", "1s",
+                                "--auth-hs256-secret-file", secret], log, env)
     m = wait_for_line(log, r"wsotel started listen=(\S+):(\d+) admin_listen=(\S+):(\d+)", ws)
     host, port, admin = m.group(1), int(m.group(2)), f"{m.group(3)}:{m.group(4)}"
     print(f"# wsotel pid {ws.pid}: ws {host}:{port}, admin {admin}", flush=True)
@@ -276,6 +286,7 @@ def run(wsotel_bin, tmp, procs, stop):
     t_start = time.time()
     wsload.run_mix([(host, port)], stop, echo=8, rooms=2, members=3, rate=20, misbehave_every=0)
     wsload.rejected_handshake(host, port)
+    wsload.unauthenticated(host, port)
     wsload.oversized_message(host, port)
     wsload.invalid_utf8(host, port)
     wsload.slow_consumer(host, port, "warmup-slow")
@@ -398,6 +409,21 @@ def run(wsotel_bin, tmp, procs, stop):
     for name, expr in rule_exprs:
         resp = prom.api("/api/v1/query", query=expr)
         check(resp.get("status") == "success", f"rule {name}: expression evaluates", resp.get("error", ""))
+
+    # 6b. every label value a rule selects with `=` exists on the real server -------------------
+    # ingest="otlp" is the push path, not part of this test (WsotelOtlpMetricsAbsent fires on it).
+    exempt = {("ingest", "otlp")}
+    seen = set()
+    for name, expr in rule_exprs:
+        for metric, matchers in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^{}]*)\}", expr):
+            for label, value in re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"', matchers):
+                key = (metric, label, value)
+                if (label, value) in exempt or key in seen:
+                    continue
+                seen.add(key)
+                sel = f'{metric}{{{label}="{value}"}}'
+                resp = prom.api("/api/v1/query", query=sel)
+                check(has_data(resp), f"rule {name}: {sel} exists on the real server", str(resp.get("error", ""))[:300])
 
     # 7. alerts -------------------------------------------------------------------------------
     deadline = time.time() + 60

@@ -167,6 +167,12 @@ pub struct RoomsArgs {
     /// Prefix of the room names (`<prefix>-<index>`), so runs do not share rooms.
     #[arg(long, default_value = "bench")]
     pub room_prefix: String,
+    /// Abusive clients in the first room: each sends text messages as fast as the socket takes
+    /// them for the whole run and reconnects whenever the server closes it. The members count
+    /// what reaches them separately; their own publications are measured as always, so a run
+    /// with and one without show what one abuser does to well-behaved clients.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub flooders: u32,
 }
 
 #[derive(Debug, Clone, Args)]

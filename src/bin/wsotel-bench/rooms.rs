@@ -2,12 +2,17 @@
 //! every member checks each message it receives: intact, from its own room, never its own,
 //! and in order per publisher (a gap is a lost message). Reports deliveries per second, the
 //! share of expected deliveries that arrived, and publish-to-delivery latency.
+//!
+//! With `--flooders N`, N abusive clients join the first room and send text messages as fast as
+//! the socket takes them, reconnecting whenever they are closed: the report adds what they sent,
+//! how often the server closed them, and how much of the flood reached the members, next to the
+//! well-behaved members' own delivery and latency.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::RoomsArgs;
@@ -32,6 +37,18 @@ struct MemberStats {
     delivered_in_window: u64,
     gaps: u64,
     latency: Latency,
+    /// Flood messages received (text).
+    flood_received: u64,
+}
+
+#[derive(Default)]
+struct FloodStats {
+    /// Messages written to the socket.
+    sent: u64,
+    /// Times the server closed (or cut) the flooder.
+    closed: u64,
+    /// Close codes seen, by code.
+    codes: std::collections::BTreeMap<u16, u64>,
 }
 
 /// The URL of room `name`: `{room}` in `url` replaced, or `/<name>` appended.
@@ -63,6 +80,19 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     let window = harness.window;
     let total_rate = common.rate.unwrap_or(DEFAULT_RATE);
     let npub = (args.rooms * publishers) as f64;
+    let flood_url = room_url(&common.url, &format!("{}-{run_tag}-0", args.room_prefix));
+    let flooders: Vec<_> = (0..args.flooders)
+        .map(|i| {
+            tokio::spawn(flood_loop(
+                connector.clone(),
+                flood_url.clone(),
+                u64::from(i),
+                args.size as usize,
+                window,
+                failures.clone(),
+            ))
+        })
+        .collect();
     let mut tasks = Vec::new();
     for (i, ws) in conns.into_iter().enumerate() {
         let room = i as u32 / args.members;
@@ -78,6 +108,7 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
             timeout: common.timeout,
             failures: failures.clone(),
             counter: harness.counter.clone(),
+            flooded: args.flooders > 0,
         };
         let pacer = Pacer::new(Some(total_rate / npub), window.start, phase);
         tasks.push(tokio::spawn(member_loop(ws, ctx, pacer)));
@@ -92,8 +123,22 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
                 total.delivered_in_window += s.delivered_in_window;
                 total.gaps += s.gaps;
                 total.latency.merge(&s.latency);
+                total.flood_received += s.flood_received;
             }
             Err(e) => failures.fail(format!("member task failed: {e}")),
+        }
+    }
+    let mut flood = FloodStats::default();
+    for t in flooders {
+        match t.await {
+            Ok(f) => {
+                flood.sent += f.sent;
+                flood.closed += f.closed;
+                for (code, n) in f.codes {
+                    *flood.codes.entry(code).or_default() += n;
+                }
+            }
+            Err(e) => failures.fail(format!("flooder task failed: {e}")),
         }
     }
     let (edges, scrapes) = harness.finish().await;
@@ -118,6 +163,34 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     r.set("delivery_ratio", (ratio * 1e6).round() / 1e6);
     r.set("lost_in_sequence", total.gaps);
     r.set("latency_us", total.latency.to_json());
+    if args.flooders > 0 {
+        r.set("flooders", args.flooders);
+        r.set("flood_sent", flood.sent);
+        r.set("flood_received", total.flood_received);
+        r.set("flooder_closed", flood.closed);
+        r.set(
+            "flooder_close_codes",
+            flood
+                .codes
+                .iter()
+                .map(|(c, n)| format!("{c}x{n}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        r.line(format!(
+            "flood          {} abuser(s): {} sent, closed {} times ({}), {} flood messages reached members",
+            args.flooders,
+            thousands(flood.sent as f64),
+            flood.closed,
+            flood
+                .codes
+                .iter()
+                .map(|(c, n)| format!("{n} x {c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            thousands(total.flood_received as f64),
+        ));
+    }
     r.line(format!(
         "rooms          {} rooms x {} members, {} publisher(s) each, {} B, {} publishes/s in all",
         args.rooms, args.members, publishers, args.size, total_rate
@@ -158,6 +231,71 @@ struct MemberCtx {
     timeout: Duration,
     failures: Arc<Failures>,
     counter: Arc<AtomicU64>,
+    /// Flooders are in the run: text messages are theirs, counted, not a failure.
+    flooded: bool,
+}
+
+/// One abusive client: floods the first room until the run ends, reconnecting after every
+/// close (a rate-limited one is closed quickly; an unlimited one is never closed).
+async fn flood_loop(
+    connector: Connector,
+    url: String,
+    index: u64,
+    size: usize,
+    window: Window,
+    failures: Arc<Failures>,
+) -> FloodStats {
+    let mut stats = FloodStats::default();
+    let text: String = "f".repeat(size);
+    let mut attempt = 0u64;
+    while Instant::now() < window.end && !failures.stopped() {
+        attempt += 1;
+        let mut ws = match connector
+            .connect(&url, 1_000_000 + index * 1000 + attempt)
+            .await
+        {
+            Ok(ws) => ws,
+            Err(_) => {
+                // Refused (a limit) or timed out: try again shortly, as an abuser would.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let ended = loop {
+            if Instant::now() >= window.end {
+                break None;
+            }
+            // Send in batches of 64, flushed together, reading nothing back but the Close.
+            let mut sent = true;
+            for _ in 0..64 {
+                if ws.feed(Message::text(text.clone())).await.is_err() {
+                    sent = false;
+                    break;
+                }
+                stats.sent += 1;
+            }
+            if !sent || ws.flush().await.is_err() {
+                break Some(None);
+            }
+            if let Some(Some(msg)) = ws.next().now_or_never() {
+                match msg {
+                    Ok(Message::Close(frame)) => break Some(frame.map(|f| u16::from(f.code))),
+                    Ok(_) => {}
+                    Err(_) => break Some(None),
+                }
+            }
+        };
+        match ended {
+            None => {
+                let _ = close_gracefully(&mut ws, Duration::from_secs(2)).await;
+            }
+            Some(code) => {
+                stats.closed += 1;
+                *stats.codes.entry(code.unwrap_or(1006)).or_default() += 1;
+            }
+        }
+    }
+    stats
 }
 
 async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStats {
@@ -248,6 +386,7 @@ async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStat
                 ctx.counter.fetch_add(1, Ordering::Relaxed);
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Text(_))) if ctx.flooded => stats.flood_received += 1,
             Some(Ok(Message::Text(_))) => {
                 fail("a text message arrived".into());
                 break;
