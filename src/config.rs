@@ -85,6 +85,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub publish_burst: u32,
 
+    /// How long a client address whose connection was closed for exceeding the publish rate is
+    /// refused new upgrades (429, `rate_limit_penalty`), so reconnecting does not refill its
+    /// bucket. `0s`: no penalty.
+    #[arg(long, env = "WSOTEL_RATE_LIMIT_PENALTY", default_value = "10s",
+          value_parser = parse_duration_or_zero)]
+    pub rate_limit_penalty: Duration,
+
     /// Most open WebSocket connections from one client address; further upgrades get 429
     /// (`ip_limit`). `0`: no limit.
     #[arg(long, env = "WSOTEL_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
@@ -98,7 +105,7 @@ pub struct Config {
 
     /// Most sockets from one address that have not finished their upgrade; a new one beyond it
     /// is closed at once (`pending_limit`).
-    #[arg(long, env = "WSOTEL_MAX_PENDING_PER_IP", default_value_t = 32,
+    #[arg(long, env = "WSOTEL_MAX_PENDING_PER_IP", default_value_t = 64,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_per_ip: u32,
 
@@ -196,6 +203,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be greater than zero"));
     }
     Ok(d)
+}
+
+/// Like [`parse_duration`], but zero is allowed (it turns the feature off).
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic()) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s)
 }
 
 /// Parses a size in bytes with an optional `B`, `KiB`, `MiB` (or `K`, `M`) suffix.

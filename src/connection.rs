@@ -91,6 +91,8 @@ pub struct Identity {
     pub peer: SocketAddr,
     /// The token's subject, when authentication is on.
     pub subject: Option<String>,
+    /// Where the client address is put in the penalty box when it exceeds the publish rate.
+    pub sources: crate::sources::Sources,
 }
 
 /// The limits a connection enforces on itself.
@@ -106,6 +108,8 @@ pub struct ConnectionLimits {
     pub may_publish: bool,
     /// When the token expires: the connection is closed with 1008 then.
     pub expires_at: Option<Instant>,
+    /// How long the client address is refused after this connection exceeds the publish rate.
+    pub rate_limit_penalty: Duration,
 }
 
 /// A token bucket: `burst` messages at once, refilled at `rate` per second.
@@ -303,12 +307,12 @@ fn in_span<R>(span: Option<&opentelemetry_sdk::trace::Span>, log: impl FnOnce() 
     log()
 }
 
-/// Serves one upgraded connection until it closes.
+/// Serves one upgraded connection until it closes; returns why it ended.
 ///
 /// The connection span is *not* made current on every poll: that would cost a thread-local
 /// push and pop per wake-up, per message. It is made current only around what the connection
 /// logs, so its log records still carry its ids.
-pub async fn serve(socket: Socket, ctx: ConnectionContext) {
+pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
     let ConnectionContext {
         id,
         route,
@@ -445,6 +449,10 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
                                     );
                                 }
                                 if publish.as_mut().is_some_and(|b| !b.take(received_at)) {
+                                    // At once, before the client sees the Close and reconnects.
+                                    identity
+                                        .sources
+                                        .penalize(identity.client, limits.rate_limit_penalty);
                                     link.error(
                                         ErrorType::RateLimited,
                                         "publish rate exceeded: closing with 1008",
@@ -662,6 +670,7 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) {
         }
         span.end();
     }
+    reason
 }
 
 #[cfg(all(feature = "fault-injection", not(debug_assertions)))]

@@ -250,7 +250,16 @@ fn upgrade(
                 client,
             );
         }
-        Err(_) => unreachable!("open() refuses only for the per-address limit"),
+        Err(Refusal::Penalized) => {
+            return reject(
+                events,
+                route,
+                RejectReason::RateLimitPenalty,
+                StatusCode::TOO_MANY_REQUESTS,
+                client,
+            );
+        }
+        Err(_) => unreachable!("open() refuses only for the per-address limit or a penalty"),
     };
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
         return reject(
@@ -269,6 +278,7 @@ fn upgrade(
         client,
         peer,
         subject: grant.as_ref().map(|g| g.subject.clone()),
+        sources: s.sources.clone(),
     });
     let expires_at = grant
         .as_ref()
@@ -306,6 +316,7 @@ fn upgrade(
                 publish_burst: config.publish_burst,
                 may_publish,
                 expires_at,
+                rate_limit_penalty: config.rate_limit_penalty,
             },
         },
         permit,

@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
@@ -124,7 +125,12 @@ struct State {
     /// Upgraded connections.
     open: u64,
     by_ip: HashMap<IpAddr, PerIp>,
+    /// Client addresses refused until the instant, after a rate-limit close.
+    penalties: HashMap<IpAddr, Instant>,
 }
+
+/// Most addresses held in the penalty box at once (expired ones are swept when it is full).
+const MAX_PENALTIES: usize = 65_536;
 
 #[derive(Default, Clone, Copy)]
 struct PerIp {
@@ -143,6 +149,8 @@ pub enum Refusal {
     Descriptors,
     /// Too many open connections from this client address.
     IpLimit,
+    /// The address is serving a rate-limit penalty.
+    Penalized,
 }
 
 /// A socket accepted on the WebSocket listener, counted as pending until dropped (when its
@@ -158,6 +166,16 @@ pub struct SocketSlot {
 pub struct OpenSlot {
     sources: Sources,
     ip: IpAddr,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (pending, open) = self.counts();
+        f.debug_struct("Sources")
+            .field("pending", &pending)
+            .field("open", &open)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Sources {
@@ -211,6 +229,12 @@ impl Sources {
         let client = canonical(client);
         let max = self.inner.limits.max_open_per_ip;
         let mut s = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&until) = s.penalties.get(&client) {
+            if Instant::now() < until {
+                return Err(Refusal::Penalized);
+            }
+            s.penalties.remove(&client);
+        }
         let per = s.by_ip.entry(client).or_default();
         if max > 0 && per.open >= max {
             if per.open == 0 && per.pending == 0 {
@@ -252,6 +276,23 @@ impl Sources {
             }
         }
         client
+    }
+
+    /// Refuses new upgrades from `client` for `penalty` (a connection of its exceeded the
+    /// publish rate): reconnecting must not refill the bucket. The box is bounded; when full of
+    /// live penalties, a new one is not recorded.
+    pub fn penalize(&self, client: IpAddr, penalty: Duration) {
+        if penalty.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut s = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.penalties.len() >= MAX_PENALTIES {
+            s.penalties.retain(|_, until| *until > now);
+        }
+        if s.penalties.len() < MAX_PENALTIES {
+            s.penalties.insert(canonical(client), now + penalty);
+        }
     }
 
     /// Sockets not yet upgraded, and upgraded connections, right now.
@@ -380,6 +421,20 @@ mod tests {
         });
         let slots: Vec<_> = (0..100).map(|_| no_limit.open(ip("1.1.1.1"))).collect();
         assert!(slots.iter().all(Result::is_ok));
+    }
+
+    #[test]
+    fn penalties_refuse_the_address_for_a_while() {
+        let s = Sources::new(limits());
+        let slot = s.open(ip("1.1.1.1")).unwrap();
+        s.penalize(ip("1.1.1.1"), Duration::from_millis(100));
+        drop(slot);
+        assert_eq!(s.open(ip("1.1.1.1")).err(), Some(Refusal::Penalized));
+        assert!(s.open(ip("2.2.2.2")).is_ok(), "only that address");
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(s.open(ip("1.1.1.1")).is_ok(), "served");
+        s.penalize(ip("3.3.3.3"), Duration::ZERO);
+        assert!(s.open(ip("3.3.3.3")).is_ok(), "0s: no penalty");
     }
 
     #[test]

@@ -253,6 +253,9 @@ pub enum RejectReason {
     RoomForbidden,
     /// The client address has `--max-connections-per-ip` connections open (429).
     IpLimit,
+    /// A connection from this client address was closed for exceeding the publish rate less
+    /// than `--rate-limit-penalty` ago (429).
+    RateLimitPenalty,
     /// Too many sockets (in all, or from this address) have not finished their upgrade: the
     /// new socket is closed at once.
     PendingLimit,
@@ -281,6 +284,7 @@ impl RejectReason {
             RejectReason::TokenExpired => "token_expired",
             RejectReason::RoomForbidden => "room_forbidden",
             RejectReason::IpLimit => "ip_limit",
+            RejectReason::RateLimitPenalty => "rate_limit_penalty",
             RejectReason::PendingLimit => "pending_limit",
             RejectReason::DescriptorLimit => "descriptor_limit",
             RejectReason::HeaderTooLarge => "header_too_large",
