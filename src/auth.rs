@@ -196,14 +196,20 @@ impl Authenticator {
         validation.algorithms = algorithms;
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured audience or issuer must be present, not only match when present.
+        let mut required = vec!["exp"];
         match &settings.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &settings.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         Ok(Some(Authenticator { keys, validation }))
     }
 
@@ -245,6 +251,10 @@ impl Authenticator {
             _ => AuthError::Invalid,
         })?;
         let claims = data.claims;
+        // An `exp` beyond what the clock can hold is signed nonsense, not a long grant.
+        let expires_at = UNIX_EPOCH
+            .checked_add(Duration::from_secs(claims.exp))
+            .ok_or(AuthError::Invalid)?;
         Ok(Grant {
             subject: claims
                 .sub
@@ -252,7 +262,7 @@ impl Authenticator {
                 .chars()
                 .take(MAX_SUBJECT)
                 .collect(),
-            expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp),
+            expires_at,
             rooms: claims.rooms,
             publish: claims.publish,
         })
@@ -472,6 +482,8 @@ mod tests {
         assert_eq!(auth.verify("not.a.jwt"), Err(AuthError::Invalid));
         let no_exp = token(serde_json::json!({"sub": "x"}));
         assert_eq!(auth.verify(&no_exp), Err(AuthError::Invalid));
+        let far = token(serde_json::json!({"exp": u64::MAX}));
+        assert_eq!(auth.verify(&far), Err(AuthError::Invalid), "no panic");
         // `alg: none` and a switch to another algorithm are refused.
         let none = format!(
             "{}.{}.",

@@ -845,12 +845,15 @@ impl Link<'_> {
         }
     }
 
-    /// How long the next write may stall: `--write-timeout`, or less when a ping is already
-    /// overdue by then (the heartbeat keeps running while a write is pending).
+    /// How long the next write may stall: `--write-timeout`, or less when the heartbeat would
+    /// have ended the connection first (the heartbeat keeps running while a write is pending):
+    /// the outstanding ping's pong deadline, or, with none outstanding, that of the next ping,
+    /// which a stalled socket cannot even send.
     fn write_bound(&self) -> WriteBound {
+        let hb = &self.heartbeat;
         WriteBound {
             timeout: self.write_timeout,
-            pong_due: self.heartbeat.pong_due(),
+            pong_due: Some(hb.pong_due().unwrap_or(hb.next_ping + hb.timeout)),
         }
     }
 
@@ -1026,7 +1029,9 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
             | std::io::ErrorKind::UnexpectedEof => Ending::peer_gone(CloseReason::ClientAborted),
             _ => {
                 events.error(route.route(), ErrorType::Io);
-                tracing::warn!(error = %e, "connection I/O error");
+                if events.log_allowed(LogEvent::ConnectionError) {
+                    tracing::warn!(error = %e, "connection I/O error");
+                }
                 Ending::cut(CloseReason::InternalError)
             }
         },
@@ -1048,7 +1053,9 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
         }
         WsError::Protocol(_) | WsError::Capacity(_) => {
             events.error(route.route(), ErrorType::Protocol);
-            tracing::info!(error = %err, "protocol error");
+            if events.log_allowed(LogEvent::ConnectionError) {
+                tracing::info!(error = %err, "protocol error");
+            }
             Ending::server(
                 CloseReason::ProtocolError,
                 close_code::PROTOCOL_ERROR,
@@ -1057,7 +1064,9 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
         }
         other => {
             events.error(route.route(), ErrorType::Io);
-            tracing::warn!(error = %other, "connection error");
+            if events.log_allowed(LogEvent::ConnectionError) {
+                tracing::warn!(error = %other, "connection error");
+            }
             Ending::server(
                 CloseReason::InternalError,
                 close_code::INTERNAL_ERROR,

@@ -243,7 +243,12 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
+        // Set once a request head has arrived: hyper's header timer also runs while a
+        // keep-alive connection idles between requests, and that is no handshake timeout.
+        let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = answered.clone();
         let service = tower::service_fn(move |mut req: hyper::Request<Incoming>| {
+            seen.store(true, std::sync::atomic::Ordering::Relaxed);
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             router.clone().oneshot(req)
         });
@@ -269,6 +274,10 @@ async fn accept_loop(
                 if !counted {
                     // The admin listener: its refusals are not WebSocket handshakes.
                     tracing::debug!(client.address = %peer.ip(), error = %err, "admin connection error");
+                } else if err.is_timeout()
+                    && answered.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::debug!(client.address = %peer.ip(), "idle keep-alive connection closed");
                 } else if err.is_timeout() {
                     refused(&events, RejectReason::HandshakeTimeout, peer);
                 } else if err.is_parse_too_large() {
