@@ -82,6 +82,20 @@ pub async fn run(
         ),
     }
     let sources = Sources::new(source_limits(&config));
+    let saturation = events.saturation();
+    saturation.connection_limit.store(
+        u64::from(config.max_connections),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    saturation.pending_limit.store(
+        u64::from(config.max_pending_handshakes),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let counts = sources.clone();
+    // A second `run` on the same telemetry (tests) keeps the first reader: both read alike.
+    let _ = saturation
+        .pending
+        .set(Box::new(move || u64::from(counts.counts().0)));
 
     let state = WsState::new(
         config,

@@ -1277,6 +1277,12 @@ async fn pending_handshakes_are_bounded_per_address_and_in_all() {
     for (i, s) in held.iter().enumerate() {
         assert!(still_open(s), "held socket {i} is pending, not refused");
     }
+    // The saturation gauges show it: six pending of six allowed.
+    assert_eq!(m.sum("websocket_server_pending_connections", &[]), 6.0);
+    assert_eq!(
+        m.sum("websocket_server_pending_connections_limit", &[]),
+        6.0
+    );
     healthy(server.admin).await;
     echoes(&mut other, "still served").await;
 }

@@ -499,6 +499,17 @@ async fn handshake_rejections_answer_and_count() {
     assert_eq!(rejected("connection_limit"), 1.0);
     assert_eq!(rejected("bad_request"), 2.0);
     assert_eq!(rejected("unsupported_subprotocol"), 1.0);
+    // Saturation: the limit and the usage against it, for utilisation alerts.
+    assert_eq!(m.sum("websocket_server_connection_limit", &[]), 2.0);
+    assert_eq!(m.sum("websocket_server_active_connections", &[]), 2.0);
+    assert_eq!(
+        m.sum("websocket_server_pending_connections_limit", &[]),
+        1024.0
+    );
+    assert_eq!(
+        m.sum("process_unix_file_descriptor_limit", &[]),
+        wsotel::limits::open_file_limit().unwrap() as f64
+    );
     assert_eq!(
         m.sum("websocket_server_accepted_connections_total", &[]),
         2.0

@@ -239,11 +239,64 @@ struct EventsInner {
     routes: [Arc<RouteInstruments>; 2],
     ping: BoundHistogram<f64>,
     logs: LogLimiter,
+    /// What the saturation gauges read: set by the server when it starts.
+    saturation: Arc<Saturation>,
+}
+
+/// The limits and the counts measured against them, read by observable gauges at collection.
+#[derive(Default)]
+pub struct Saturation {
+    /// `--max-connections` (0 until the server starts).
+    pub connection_limit: std::sync::atomic::AtomicU64,
+    /// `--max-pending-handshakes` (0 until the server starts).
+    pub pending_limit: std::sync::atomic::AtomicU64,
+    /// Reads the sockets that have not finished their upgrade, once the server runs.
+    pub pending: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
 }
 
 impl Events {
     pub(crate) fn new(meter: &Meter) -> Self {
         let instruments = Instruments::new(meter);
+        let saturation = Arc::new(Saturation::default());
+        let s = saturation.clone();
+        meter
+            .i64_observable_up_down_counter("websocket.server.connection.limit")
+            .with_unit("{connection}")
+            .with_description("--max-connections: upgrades beyond it get 503 (connection_limit).")
+            .with_callback(move |o| {
+                let limit = s
+                    .connection_limit
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if limit > 0 {
+                    o.observe(limit as i64, &[]);
+                }
+            })
+            .build();
+        let s = saturation.clone();
+        meter
+            .i64_observable_up_down_counter("websocket.server.pending_connections")
+            .with_unit("{connection}")
+            .with_description("Sockets that have not finished their upgrade.")
+            .with_callback(move |o| {
+                if let Some(read) = s.pending.get() {
+                    o.observe(read() as i64, &[]);
+                }
+            })
+            .build();
+        let s = saturation.clone();
+        meter
+            .i64_observable_up_down_counter("websocket.server.pending_connections.limit")
+            .with_unit("{connection}")
+            .with_description(
+                "--max-pending-handshakes: sockets beyond it are closed at once (pending_limit).",
+            )
+            .with_callback(move |o| {
+                let limit = s.pending_limit.load(std::sync::atomic::Ordering::Relaxed);
+                if limit > 0 {
+                    o.observe(limit as i64, &[]);
+                }
+            })
+            .build();
         let routes = Route::ALL.map(|r| Arc::new(RouteInstruments::new(&instruments, r)));
         let ping = instruments.ping_duration.bind(&[]);
         // Series that should read 0 rather than be absent before the first event, so rates and
@@ -271,8 +324,14 @@ impl Events {
                 routes,
                 ping,
                 logs: LogLimiter::new(0),
+                saturation,
             }),
         }
+    }
+
+    /// The limits the saturation gauges report, and where they read live counts.
+    pub fn saturation(&self) -> &Saturation {
+        &self.inner.saturation
     }
 
     /// Whether a connection-level log line of `event` may be written now (see

@@ -111,6 +111,16 @@ pub(crate) fn register(meter: &Meter) {
         })
         .build();
     meter
+        .i64_observable_up_down_counter("process.unix.file_descriptor.limit")
+        .with_unit("{file_descriptor}")
+        .with_description("The soft open-file limit (RLIMIT_NOFILE) of this process.")
+        .with_callback(|o| {
+            if let Some(n) = crate::limits::open_file_limit() {
+                o.observe(i64::try_from(n).unwrap_or(i64::MAX), &[]);
+            }
+        })
+        .build();
+    meter
         .i64_observable_up_down_counter("process.thread.count")
         .with_unit("{thread}")
         .with_description("Threads of this process.")
