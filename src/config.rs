@@ -128,6 +128,23 @@ pub struct Config {
     #[arg(long, env = "WSOTEL_LOG_RATE", default_value_t = 50)]
     pub log_rate: u32,
 
+    /// The NATS backplane (comma-separated URLs of a cluster's servers, e.g.
+    /// `nats://127.0.0.1:4222`): room messages reach members on every instance. Unset: this
+    /// instance's rooms are its own.
+    #[arg(long, env = "WSOTEL_NATS_URL", value_parser = parse_nats_url)]
+    pub nats_url: Option<String>,
+
+    /// First token(s) of the backplane's subjects, so several deployments can share one NATS.
+    #[arg(long, env = "WSOTEL_NATS_SUBJECT_PREFIX", default_value = "wsotel",
+          value_parser = crate::backplane::parse_prefix)]
+    pub nats_subject_prefix: String,
+
+    /// Room messages that may wait for the NATS client; beyond, they are dropped
+    /// (`backplane_full`) and stay local.
+    #[arg(long, env = "WSOTEL_BACKPLANE_QUEUE", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub backplane_queue: u32,
+
     /// Authentication: a file holding the HS256 secret (at least 32 bytes) that signs tokens.
     #[arg(long, env = "WSOTEL_AUTH_HS256_SECRET_FILE", group = "auth_key")]
     pub auth_hs256_secret_file: Option<PathBuf>,
@@ -163,6 +180,16 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The backplane settings, when `--nats-url` is set.
+    pub fn backplane(&self) -> Option<crate::backplane::BackplaneSettings> {
+        let url = self.nats_url.as_deref()?;
+        Some(crate::backplane::BackplaneSettings {
+            servers: crate::backplane::parse_servers(url).ok()?,
+            prefix: self.nats_subject_prefix.clone(),
+            queue: self.backplane_queue as usize,
+        })
+    }
+
     /// The authentication settings: which key (none means authentication is off), audience
     /// and issuer.
     pub fn auth(&self) -> AuthSettings {
@@ -203,6 +230,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be greater than zero"));
     }
     Ok(d)
+}
+
+/// Checks `--nats-url` (every comma-separated entry a NATS URL) and keeps it as given.
+fn parse_nats_url(s: &str) -> Result<String, String> {
+    crate::backplane::parse_servers(s).map(|_| s.to_owned())
 }
 
 /// Like [`parse_duration`], but zero is allowed (it turns the feature off).

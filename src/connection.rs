@@ -464,20 +464,42 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
                                     );
                                 }
                             }
-                            let traced = spans.as_ref().filter(|m| m.sample());
+                            let mut traced = spans.as_ref().filter(|m| m.sample());
                             let (kind, size) = kind_and_len(&msg);
                             let feed = membership.is_none() && batch.feeding();
                             let (handled, handling) = match &membership {
                                 None if feed => (link.feed_data(msg).await, Handling::Echo),
                                 None => (link.send_data(msg).await, Handling::Echo),
                                 Some(m) => {
+                                    // Local members first: they never wait for NATS.
                                     let d = m.broadcast(&msg);
-                                    (
-                                        Ok(()),
-                                        Handling::Broadcast {
-                                            recipients: d.queued,
-                                        },
-                                    )
+                                    let handling = Handling::Broadcast {
+                                        recipients: d.queued,
+                                    };
+                                    if let Some(bp) = m.backplane() {
+                                        // A sampled message's span is recorded now, so its
+                                        // PRODUCER child can travel in the NATS headers.
+                                        let cx = match (traced.take(), link.span) {
+                                            (Some(spans), Some(conn)) => {
+                                                let start =
+                                                    SystemTime::now() - received_at.elapsed();
+                                                let message = spans.record(
+                                                    start,
+                                                    conn.span_context(),
+                                                    id,
+                                                    link.route.route(),
+                                                    kind,
+                                                    size,
+                                                    handling,
+                                                );
+                                                let subject = bp.subject(m.room_name());
+                                                Some(spans.producer(&message, &subject, size))
+                                            }
+                                            _ => None,
+                                        };
+                                        bp.publish(m.room_name(), &msg, cx.as_ref());
+                                    }
+                                    (Ok(()), handling)
                                 }
                             };
                             batch.unflushed |= feed;

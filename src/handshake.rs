@@ -69,6 +69,7 @@ impl WsState {
         shutdown: CancellationToken,
         auth: Option<Authenticator>,
         sources: Sources,
+        backplane: Option<crate::backplane::Backplane>,
     ) -> Self {
         let spans = spans.map(Arc::new);
         let allowed_origins = config
@@ -79,7 +80,7 @@ impl WsState {
         WsState {
             inner: Arc::new(WsInner {
                 slots: Arc::new(Semaphore::new(config.max_connections as usize)),
-                rooms: Rooms::new(events.clone()),
+                rooms: Rooms::new(events.clone(), backplane),
                 events,
                 shutdown,
                 next_id: AtomicU64::new(1),

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod backplane;
 pub mod config;
 pub mod connection;
 pub mod handshake;

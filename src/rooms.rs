@@ -4,14 +4,19 @@
 //! never waits for a recipient. When a recipient's queue is full the message is dropped for it
 //! (counted), and the recipient is told to leave as a slow consumer, so one stalled client can
 //! neither block a room nor grow the server's memory.
+//!
+//! With a [`Backplane`], a room that has local members is also subscribed to its NATS subject:
+//! what other instances' members send arrives through it and is queued for every local member
+//! the same way (see [`crate::backplane`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Message;
 
+use crate::backplane::{Backplane, LocalDelivery, RemoteInterest};
 use crate::telemetry::{DropReason, Events, Route};
 
 /// Longest room name accepted.
@@ -30,10 +35,55 @@ pub fn valid_room_name(name: &str) -> bool {
 pub struct Rooms {
     inner: Arc<Mutex<HashMap<String, Arc<Room>>>>,
     events: Events,
+    backplane: Option<Backplane>,
 }
 
 struct Room {
     members: RwLock<Vec<Member>>,
+    /// The room's backplane subscription, while it has local members.
+    remote: OnceLock<RemoteInterest>,
+}
+
+impl Room {
+    /// Queues `msg` for every member but `except`; a full queue drops it (counted) and kicks
+    /// that member.
+    fn queue(&self, msg: &Message, except: Option<u64>, events: &Events) -> Delivery {
+        let mut delivery = Delivery::default();
+        let members = self.members.read().expect("room lock poisoned");
+        for m in members.iter().filter(|m| Some(m.id) != except) {
+            match m.tx.try_send(msg.clone()) {
+                Ok(()) => delivery.queued += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    delivery.dropped += 1;
+                    m.kick.cancel();
+                }
+                // The member is leaving; it is about to disappear from the list.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        drop(members);
+        events.dropped(
+            Route::Rooms,
+            DropReason::SlowConsumer,
+            delivery.dropped as u64,
+        );
+        delivery
+    }
+}
+
+/// Hands messages from the backplane to one room's local members.
+struct RemoteDelivery {
+    room: Weak<Room>,
+    events: Events,
+}
+
+impl LocalDelivery for RemoteDelivery {
+    fn deliver(&self, _room: &str, msg: &Message) -> usize {
+        match self.room.upgrade() {
+            Some(room) => room.queue(msg, None, &self.events).queued,
+            None => 0,
+        }
+    }
 }
 
 struct Member {
@@ -62,11 +112,13 @@ pub struct Delivery {
 }
 
 impl Rooms {
-    /// An empty registry that reports room counts and drops through `events`.
-    pub fn new(events: Events) -> Self {
+    /// An empty registry that reports room counts and drops through `events`; with a
+    /// backplane, rooms span instances.
+    pub fn new(events: Events, backplane: Option<Backplane>) -> Self {
         Rooms {
             inner: Arc::default(),
             events,
+            backplane,
         }
     }
 
@@ -84,9 +136,18 @@ impl Rooms {
             .entry(name.to_owned())
             .or_insert_with(|| {
                 self.events.room_created();
-                Arc::new(Room {
+                let room = Arc::new(Room {
                     members: RwLock::new(Vec::new()),
-                })
+                    remote: OnceLock::new(),
+                });
+                if let Some(bp) = &self.backplane {
+                    let local = Arc::new(RemoteDelivery {
+                        room: Arc::downgrade(&room),
+                        events: self.events.clone(),
+                    });
+                    let _ = room.remote.set(bp.subscribe(name, local));
+                }
+                room
             })
             .clone();
         room.members
@@ -116,26 +177,13 @@ impl Membership {
     /// Queues `msg` for every other member without waiting. A member whose queue is full
     /// loses this message (counted as dropped, reason `slow_consumer`) and is kicked.
     pub fn broadcast(&self, msg: &Message) -> Delivery {
-        let mut delivery = Delivery::default();
-        let members = self.room.members.read().expect("room lock poisoned");
-        for m in members.iter().filter(|m| m.id != self.id) {
-            match m.tx.try_send(msg.clone()) {
-                Ok(()) => delivery.queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    delivery.dropped += 1;
-                    m.kick.cancel();
-                }
-                // The member is leaving; it is about to disappear from the list.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-        drop(members);
-        self.rooms.events.dropped(
-            Route::Rooms,
-            DropReason::SlowConsumer,
-            delivery.dropped as u64,
-        );
-        delivery
+        self.room.queue(msg, Some(self.id), &self.rooms.events)
+    }
+
+    /// The backplane, when rooms span instances: the connection publishes to it after the local
+    /// broadcast (see [`Backplane::publish`]).
+    pub fn backplane(&self) -> Option<&Backplane> {
+        self.rooms.backplane.as_ref()
     }
 
     /// The room's name.

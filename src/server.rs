@@ -30,6 +30,7 @@ use tower::ServiceExt;
 
 use crate::admin;
 use crate::auth::Authenticator;
+use crate::backplane::Backplane;
 use crate::config::Config;
 use crate::handshake::{self, WsState};
 use crate::sources::{FD_RESERVE, Refusal, SourceLimits, Sources};
@@ -97,6 +98,22 @@ pub async fn run(
         .pending
         .set(Box::new(move || u64::from(counts.counts().0)));
 
+    let backplane = match config.backplane() {
+        None => None,
+        Some(settings) => {
+            let spans = telemetry.spans().cloned().map(Arc::new);
+            let bp = Backplane::start(&settings, events.clone(), spans, stop_listeners.clone())
+                .await
+                .map_err(ServerError::Config)?;
+            tracing::info!(
+                servers = settings.servers.len() as i64,
+                subject_prefix = %settings.prefix,
+                "backplane on: rooms span every instance on this NATS"
+            );
+            Some(bp)
+        }
+    };
+
     let state = WsState::new(
         config,
         events.clone(),
@@ -104,6 +121,7 @@ pub async fn run(
         draining.clone(),
         auth,
         sources.clone(),
+        backplane,
     );
     let ws_router = handshake::router(state.clone());
     let accept = tokio::spawn(accept_loop(

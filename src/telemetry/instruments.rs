@@ -136,6 +136,11 @@ pub(crate) struct Instruments {
     rooms: UpDownCounter<i64>,
     http_duration: Histogram<f64>,
     log_suppressed: Counter<u64>,
+    backplane_messages: Counter<u64>,
+    backplane_io: Counter<u64>,
+    backplane_errors: Counter<u64>,
+    backplane_reconnects: Counter<u64>,
+    backplane_hop: Histogram<f64>,
 }
 
 impl Instruments {
@@ -217,6 +222,36 @@ impl Instruments {
                 )
                 .with_boundaries(buckets::HTTP_SECONDS.to_vec())
                 .build(),
+            backplane_messages: meter
+                .u64_counter("websocket.server.backplane.messages")
+                .with_unit("{message}")
+                .with_description(
+                    "Room messages published to (transmit) and received from (receive) the NATS backplane.",
+                )
+                .build(),
+            backplane_io: meter
+                .u64_counter("websocket.server.backplane.io")
+                .with_unit("By")
+                .with_description("Payload bytes of backplane messages, by direction.")
+                .build(),
+            backplane_errors: meter
+                .u64_counter("websocket.server.backplane.errors")
+                .with_unit("{error}")
+                .with_description("Backplane failures, by error.type.")
+                .build(),
+            backplane_reconnects: meter
+                .u64_counter("websocket.server.backplane.reconnects")
+                .with_unit("{reconnect}")
+                .with_description("Times the NATS connection came back after being lost.")
+                .build(),
+            backplane_hop: meter
+                .f64_histogram("websocket.server.backplane.hop.duration")
+                .with_unit("s")
+                .with_description(
+                    "Publish on one instance to hand-off on this one, for room messages from the backplane.",
+                )
+                .with_boundaries(buckets::MESSAGE_SECONDS.to_vec())
+                .build(),
             log_suppressed: meter
                 .u64_counter("websocket.server.log.suppressed")
                 .with_unit("{line}")
@@ -252,6 +287,10 @@ pub struct Saturation {
     pub pending_limit: std::sync::atomic::AtomicU64,
     /// Reads the sockets that have not finished their upgrade, once the server runs.
     pub pending: std::sync::OnceLock<Box<dyn Fn() -> u64 + Send + Sync>>,
+    /// Whether the backplane is connected, once one is configured.
+    pub backplane: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
+    /// Whether the backplane has ever connected (a later connect is a reconnect).
+    pub backplane_seen: std::sync::atomic::AtomicBool,
 }
 
 impl Events {
@@ -285,6 +324,22 @@ impl Events {
             .build();
         let s = saturation.clone();
         meter
+            .i64_observable_up_down_counter("websocket.server.backplane.connected")
+            .with_unit("{connection}")
+            .with_description(
+                "1 while the NATS backplane is connected, 0 while not (only with --nats-url).",
+            )
+            .with_callback(move |o| {
+                if let Some(up) = s.backplane.get() {
+                    o.observe(
+                        i64::from(up.load(std::sync::atomic::Ordering::Relaxed)),
+                        &[],
+                    );
+                }
+            })
+            .build();
+        let s = saturation.clone();
+        meter
             .i64_observable_up_down_counter("websocket.server.pending_connections.limit")
             .with_unit("{connection}")
             .with_description(
@@ -313,7 +368,8 @@ impl Events {
                 let attrs = [r.clone(), KeyValue::new(ERROR_TYPE, e.as_str())];
                 instruments.errors.add(0, &attrs);
             }
-            for d in DropReason::ALL {
+            // The backplane's reasons start at 0 only when a backplane is configured.
+            for d in [DropReason::SlowConsumer, DropReason::ConnectionClosed] {
                 let attrs = [r.clone(), KeyValue::new(DROP_REASON, d.as_str())];
                 instruments.dropped.add(0, &attrs);
             }
@@ -327,6 +383,71 @@ impl Events {
                 saturation,
             }),
         }
+    }
+
+    /// A backplane is configured: its gauge reads `connected`, and its counters start at 0.
+    pub fn backplane_configured(&self, connected: Arc<std::sync::atomic::AtomicBool>) {
+        let _ = self.inner.saturation.backplane.set(connected);
+        let i = &self.inner.instruments;
+        for d in Direction::ALL {
+            let attrs = [KeyValue::new(DIRECTION, d.as_str())];
+            i.backplane_messages.add(0, &attrs);
+            i.backplane_io.add(0, &attrs);
+        }
+        i.backplane_reconnects.add(0, &[]);
+        for d in [DropReason::BackplaneUnavailable, DropReason::BackplaneFull] {
+            let attrs = [
+                KeyValue::new(ROUTE, Route::Rooms.as_str()),
+                KeyValue::new(DROP_REASON, d.as_str()),
+            ];
+            i.dropped.add(0, &attrs);
+        }
+    }
+
+    /// Whether the backplane has connected before.
+    pub fn backplane_was_connected(&self) -> bool {
+        self.inner
+            .saturation
+            .backplane_seen
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The backplane connected.
+    pub fn backplane_mark_connected(&self) {
+        self.inner
+            .saturation
+            .backplane_seen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The backplane connection came back.
+    pub fn backplane_reconnected(&self) {
+        self.inner.instruments.backplane_reconnects.add(1, &[]);
+    }
+
+    /// A backplane failure (`error_type` from a fixed set in `backplane`).
+    pub fn backplane_error(&self, error_type: &'static str) {
+        self.inner
+            .instruments
+            .backplane_errors
+            .add(1, &[KeyValue::new(ERROR_TYPE, error_type)]);
+    }
+
+    /// A room message of `len` payload bytes was published (`transmit`) or received.
+    pub fn backplane_message(&self, transmit: bool, len: usize) {
+        let d = if transmit {
+            Direction::Transmit
+        } else {
+            Direction::Receive
+        };
+        let attrs = [KeyValue::new(DIRECTION, d.as_str())];
+        self.inner.instruments.backplane_messages.add(1, &attrs);
+        self.inner.instruments.backplane_io.add(len as u64, &attrs);
+    }
+
+    /// The hop of a message from the backplane, in seconds.
+    pub fn backplane_hop(&self, secs: f64) {
+        self.inner.instruments.backplane_hop.record(secs, &[]);
     }
 
     /// The limits the saturation gauges report, and where they read live counts.

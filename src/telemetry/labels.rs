@@ -357,17 +357,28 @@ pub enum DropReason {
     SlowConsumer,
     /// The recipient's connection ended with the message still queued.
     ConnectionClosed,
+    /// The message could not cross to other instances: NATS was away (or the publish failed).
+    BackplaneUnavailable,
+    /// The message could not cross to other instances: the backplane's publish queue was full.
+    BackplaneFull,
 }
 
 impl DropReason {
     /// Every drop reason.
-    pub const ALL: [DropReason; 2] = [DropReason::SlowConsumer, DropReason::ConnectionClosed];
+    pub const ALL: [DropReason; 4] = [
+        DropReason::SlowConsumer,
+        DropReason::ConnectionClosed,
+        DropReason::BackplaneUnavailable,
+        DropReason::BackplaneFull,
+    ];
 
     /// The attribute value.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::SlowConsumer => "slow_consumer",
             DropReason::ConnectionClosed => "connection_closed",
+            DropReason::BackplaneUnavailable => "backplane_unavailable",
+            DropReason::BackplaneFull => "backplane_full",
         }
     }
 }

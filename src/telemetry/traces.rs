@@ -126,7 +126,7 @@ impl Spans {
         kind: MessageType,
         size: usize,
         handling: Handling,
-    ) {
+    ) -> SpanContext {
         let mut attributes = vec![
             KeyValue::new("http.route", route.as_str()),
             KeyValue::new("connection.id", connection_id as i64),
@@ -153,8 +153,56 @@ impl Spans {
             .with_attributes(attributes)
             .with_links(links)
             .start_with_context(&self.tracer, &Context::new());
+        let context = span.span_context().clone();
         span.end();
+        context
     }
+
+    /// The `PRODUCER` span of a sampled room message handed to the backplane, a child of its
+    /// message span; returns the context to carry in the NATS message's headers.
+    pub fn producer(&self, message: &SpanContext, subject: &str, size: usize) -> Context {
+        let parent = Context::new().with_remote_span_context(message.clone());
+        let mut span = self
+            .tracer
+            .span_builder("publish")
+            .with_kind(SpanKind::Producer)
+            .with_attributes(messaging_attributes("publish", "send", subject, size))
+            .start_with_context(&self.tracer, &parent);
+        let context = Context::new().with_remote_span_context(span.span_context().clone());
+        span.end();
+        context
+    }
+
+    /// The `CONSUMER` span of a room message received from the backplane, a child of the
+    /// publisher's producer span (`parent`, from the message's headers). End it when delivered.
+    pub fn consumer(
+        &self,
+        parent: &Context,
+        subject: &str,
+        size: usize,
+    ) -> opentelemetry_sdk::trace::Span {
+        self.tracer
+            .span_builder("process")
+            .with_kind(SpanKind::Consumer)
+            .with_attributes(messaging_attributes("process", "process", subject, size))
+            .start_with_context(&self.tracer, parent)
+    }
+}
+
+/// The messaging semantic-convention attributes of a backplane span.
+fn messaging_attributes(
+    operation: &'static str,
+    operation_type: &'static str,
+    subject: &str,
+    size: usize,
+) -> Vec<KeyValue> {
+    vec![
+        KeyValue::new("messaging.system", "nats"),
+        KeyValue::new("messaging.operation.name", operation),
+        KeyValue::new("messaging.operation.type", operation_type),
+        KeyValue::new("messaging.destination.name", subject.to_owned()),
+        KeyValue::new("messaging.message.body.size", size as i64),
+    ]
 }
 
 /// The provider's sampler: the configured one for every span except message spans without a
