@@ -10,8 +10,9 @@
 #   docker build -t wsotel .                      # the runtime image (last stage)
 #   docker run --rm -p 8080:8080 -p 9464:9464 wsotel
 #
-# Rust 1.88: the newest rust-version any locked dependency declares (tonic 0.14.9).
-ARG RUST_VERSION=1.88
+# Rust 1.89: the newest rust-version any locked dependency declares (async-nats 0.51, the
+# backplane's client; tonic 0.14.9 needs 1.88). scripts/check-stack holds this against Cargo.lock.
+ARG RUST_VERSION=1.89
 ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder

@@ -3,10 +3,11 @@
 //! With `--nats-url`, a room message is delivered to the sender's own instance's members first
 //! (no NATS round trip for them) and published to the room's subject; every other instance that
 //! has members in that room receives it from NATS and delivers it to them. The server never waits
-//! on NATS: a publish goes into a bounded queue (full: dropped, `backplane_full`), and while NATS
-//! is away nothing is queued at all (dropped, `backplane_unavailable`), so memory stays bounded,
-//! the client's own buffers included (`client_capacity`). The NATS connection uses `no_echo`, so
-//! an instance never receives what it published itself.
+//! on NATS: a publish is handed to the NATS client's bounded command queue without waiting
+//! (`--backplane-queue` is its size; full: dropped, `backplane_full`), and while NATS is away
+//! nothing is queued at all (dropped, `backplane_unavailable`), so memory stays bounded, the
+//! client's own buffers included. The NATS connection uses `no_echo`, so an instance never
+//! receives what it published itself.
 //!
 //! Interest only: an instance subscribes to a room's subject when its first local member joins
 //! and unsubscribes when the last one leaves; rooms it does not host cost it nothing. The client
@@ -30,8 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::{ConnectOptions, HeaderMap, ServerAddr};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
+use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tungstenite::Message;
 
@@ -41,10 +41,6 @@ use crate::telemetry::{DropReason, Events, Route, Spans};
 const SENT_AT: &str = "Wsotel-Sent-At";
 /// Header carrying the message type (`text` or `binary`).
 const KIND: &str = "Wsotel-Kind";
-/// Messages waiting for the NATS client, at most.
-pub const DEFAULT_QUEUE: usize = 8192;
-/// The NATS client's own command buffer.
-const CLIENT_CAPACITY: usize = 2048;
 /// Messages a subscription buffers before NATS reports it a slow consumer.
 const SUBSCRIPTION_CAPACITY: usize = 8192;
 
@@ -55,7 +51,7 @@ pub struct BackplaneSettings {
     pub servers: Vec<ServerAddr>,
     /// The first token of every subject: deployments sharing a NATS keep apart by prefix.
     pub prefix: String,
-    /// The bounded publish queue's size.
+    /// The NATS client's command queue: publishes waiting for the connection, at most.
     pub queue: usize,
 }
 
@@ -112,13 +108,6 @@ pub fn room_subject(prefix: &str, room: &str) -> String {
     s
 }
 
-/// A message to publish.
-struct Outbound {
-    subject: String,
-    headers: HeaderMap,
-    payload: Bytes,
-}
-
 /// The connection to NATS, shared by every room.
 #[derive(Clone)]
 pub struct Backplane {
@@ -128,7 +117,6 @@ pub struct Backplane {
 struct Inner {
     client: async_nats::Client,
     prefix: String,
-    queue: mpsc::Sender<Outbound>,
     events: Events,
     spans: Option<Arc<Spans>>,
     connected: Arc<AtomicBool>,
@@ -141,13 +129,11 @@ pub trait LocalDelivery: Send + Sync + 'static {
 }
 
 impl Backplane {
-    /// Starts the NATS client (retrying in the background when NATS is not there yet) and the
-    /// publisher task, which ends when `stop` is cancelled.
+    /// Starts the NATS client, retrying in the background when NATS is not there yet.
     pub async fn start(
         settings: &BackplaneSettings,
         events: Events,
         spans: Option<Arc<Spans>>,
-        stop: CancellationToken,
     ) -> Result<Self, String> {
         let connected = Arc::new(AtomicBool::new(false));
         events.backplane_configured(connected.clone());
@@ -158,7 +144,7 @@ impl Backplane {
             .no_echo()
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .client_capacity(CLIENT_CAPACITY)
+            .client_capacity(settings.queue.max(1))
             .subscription_capacity(SUBSCRIPTION_CAPACITY)
             .connection_timeout(Duration::from_secs(2))
             .reconnect_delay_callback(|attempts| {
@@ -173,17 +159,22 @@ impl Backplane {
             .connect(settings.servers.clone())
             .await
             .map_err(|e| format!("NATS: {e}"))?;
-        let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let inner = Arc::new(Inner {
             client,
             prefix: settings.prefix.clone(),
-            queue: tx,
             events,
             spans,
             connected,
         });
-        tokio::spawn(publish_loop(inner.clone(), rx, stop));
         Ok(Backplane { inner })
+    }
+
+    /// Writes out what the NATS client still holds, within `bound` (at shutdown, after the
+    /// drain).
+    pub async fn flush(&self, bound: Duration) {
+        if self.connected() {
+            let _ = tokio::time::timeout(bound, self.inner.client.flush()).await;
+        }
     }
 
     /// Whether the NATS connection is up right now.
@@ -211,13 +202,26 @@ impl Backplane {
         if let Some(cx) = trace {
             inject(cx, &mut headers);
         }
-        let out = Outbound {
-            subject: room_subject(&self.inner.prefix, room),
-            headers,
-            payload,
-        };
-        if self.inner.queue.try_send(out).is_err() {
-            events.dropped(Route::Rooms, DropReason::BackplaneFull, 1);
+        let len = payload.len();
+        let subject = room_subject(&self.inner.prefix, room);
+        // The client's queue has room (the send completes at once) or the message is dropped:
+        // the connection never waits on NATS.
+        match self
+            .inner
+            .client
+            .publish_with_headers(subject, headers, payload)
+            .now_or_never()
+        {
+            Some(Ok(())) => events.backplane_message(true, len),
+            Some(Err(err)) => {
+                events.backplane_error(match err.kind() {
+                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => "max_payload",
+                    async_nats::client::PublishErrorKind::InvalidSubject => "invalid_subject",
+                    _ => "send",
+                });
+                events.dropped(Route::Rooms, DropReason::BackplaneUnavailable, 1);
+            }
+            None => events.dropped(Route::Rooms, DropReason::BackplaneFull, 1),
         }
     }
 
@@ -306,50 +310,6 @@ fn on_event(event: &async_nats::Event, connected: &AtomicBool, events: &Events) 
             tracing::info!(event = %event, "backplane: NATS connection state");
         }
     }
-}
-
-async fn publish_loop(
-    inner: Arc<Inner>,
-    mut rx: mpsc::Receiver<Outbound>,
-    stop: CancellationToken,
-) {
-    loop {
-        let out = tokio::select! {
-            _ = stop.cancelled() => break,
-            m = rx.recv() => match m {
-                Some(m) => m,
-                None => break,
-            },
-        };
-        let len = out.payload.len();
-        match inner
-            .client
-            .publish_with_headers(out.subject, out.headers, out.payload)
-            .await
-        {
-            Ok(()) => inner.events.backplane_message(true, len),
-            Err(err) => {
-                inner.events.backplane_error(match err.kind() {
-                    async_nats::client::PublishErrorKind::MaxPayloadExceeded => "max_payload",
-                    async_nats::client::PublishErrorKind::InvalidSubject => "invalid_subject",
-                    _ => "send",
-                });
-                inner
-                    .events
-                    .dropped(Route::Rooms, DropReason::BackplaneUnavailable, 1);
-            }
-        }
-    }
-    // What was still queued never crossed.
-    rx.close();
-    let mut left = 0;
-    while rx.try_recv().is_ok() {
-        left += 1;
-    }
-    inner
-        .events
-        .dropped(Route::Rooms, DropReason::BackplaneUnavailable, left);
-    let _ = inner.client.flush().await;
 }
 
 fn receive(inner: &Inner, room: &str, msg: async_nats::Message, local: &dyn LocalDelivery) {

@@ -139,8 +139,8 @@ pub struct Config {
           value_parser = crate::backplane::parse_prefix)]
     pub nats_subject_prefix: String,
 
-    /// Room messages that may wait for the NATS client; beyond, they are dropped
-    /// (`backplane_full`) and stay local.
+    /// Room messages that may wait in the NATS client's queue (for the connection to NATS);
+    /// beyond, they are dropped (`backplane_full`) and stay local.
     #[arg(long, env = "WSOTEL_BACKPLANE_QUEUE", default_value_t = 8192,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub backplane_queue: u32,

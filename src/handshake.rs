@@ -200,16 +200,16 @@ fn upgrade(
             client,
         );
     }
-    if let Some(name) = &room {
-        if !valid_room_name(name) {
-            return reject(
-                events,
-                route,
-                RejectReason::InvalidRoom,
-                StatusCode::BAD_REQUEST,
-                client,
-            );
-        }
+    if let Some(name) = &room
+        && !valid_room_name(name)
+    {
+        return reject(
+            events,
+            route,
+            RejectReason::InvalidRoom,
+            StatusCode::BAD_REQUEST,
+            client,
+        );
     }
     if !origin_allowed(headers, &s.allowed_origins) {
         return reject(

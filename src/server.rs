@@ -102,7 +102,7 @@ pub async fn run(
         None => None,
         Some(settings) => {
             let spans = telemetry.spans().cloned().map(Arc::new);
-            let bp = Backplane::start(&settings, events.clone(), spans, stop_listeners.clone())
+            let bp = Backplane::start(&settings, events.clone(), spans)
                 .await
                 .map_err(ServerError::Config)?;
             tracing::info!(
@@ -121,7 +121,7 @@ pub async fn run(
         draining.clone(),
         auth,
         sources.clone(),
-        backplane,
+        backplane.clone(),
     );
     let ws_router = handshake::router(state.clone());
     let accept = tokio::spawn(accept_loop(
@@ -164,6 +164,10 @@ pub async fn run(
             elapsed_ms = started.elapsed().as_millis() as i64,
             "all connections drained"
         );
+    }
+    if let Some(bp) = &backplane {
+        // What the drained connections published last still crosses.
+        bp.flush(Duration::from_secs(1)).await;
     }
     stop_listeners.cancel();
     let _ = accept.await;

@@ -28,10 +28,10 @@ type Series = BTreeMap<(String, BTreeMap<String, String>), f64>;
 /// Normalises `le` so both paths print bucket bounds alike.
 fn key(name: &str, labels: &BTreeMap<String, String>) -> (String, BTreeMap<String, String>) {
     let mut l = labels.clone();
-    if let Some(le) = l.get_mut("le") {
-        if le != "+Inf" {
-            *le = le.parse::<f64>().unwrap().to_string();
-        }
+    if let Some(le) = l.get_mut("le")
+        && le != "+Inf"
+    {
+        *le = le.parse::<f64>().unwrap().to_string();
     }
     (name.to_owned(), l)
 }

@@ -186,10 +186,10 @@ impl Telemetry {
             .name("wsotel-telemetry-shutdown".into())
             .spawn(move || {
                 let mut errors = Vec::new();
-                if let Some(t) = tracer {
-                    if let Err(e) = t.shutdown() {
-                        errors.push(format!("tracer provider: {e}"));
-                    }
+                if let Some(t) = tracer
+                    && let Err(e) = t.shutdown()
+                {
+                    errors.push(format!("tracer provider: {e}"));
                 }
                 if let Some(l) = logger {
                     logging::LOG_EXPORT_OPEN.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -254,10 +254,10 @@ fn build_resource() -> Resource {
         .with_detectors(&[Box::new(TelemetryResourceDetector) as Box<dyn ResourceDetector>])
         .with_attributes(defaults)
         .with_detectors(&[Box::new(EnvResourceDetector::new()) as Box<dyn ResourceDetector>]);
-    if let Ok(name) = std::env::var("OTEL_SERVICE_NAME") {
-        if !name.trim().is_empty() {
-            builder = builder.with_service_name(name.trim().to_owned());
-        }
+    if let Ok(name) = std::env::var("OTEL_SERVICE_NAME")
+        && !name.trim().is_empty()
+    {
+        builder = builder.with_service_name(name.trim().to_owned());
     }
     builder.build()
 }

@@ -94,6 +94,11 @@ pub struct Common {
     #[arg(long)]
     pub server_pid: Option<u32>,
 
+    /// Further server PIDs whose CPU time adds to `--server-pid`'s (the other instances of a
+    /// multi-instance run, so the report's server CPU is the whole cluster's). Repeatable.
+    #[arg(long)]
+    pub also_server_pid: Vec<u32>,
+
     /// A Prometheus endpoint to scrape during the whole run (a real scrape is part of the cost
     /// of a server with Prometheus pull), e.g. http://127.0.0.1:9464/metrics.
     #[arg(long)]
@@ -173,6 +178,12 @@ pub struct RoomsArgs {
     /// with and one without show what one abuser does to well-behaved clients.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub flooders: u32,
+    /// Further instances of the server (their room URLs, like `--url`), joined through a
+    /// backplane: member i of each room connects to instance i mod N (`--url` is instance 0), so
+    /// most deliveries cross instances. The report splits latency into same-instance and
+    /// cross-instance deliveries. Repeatable.
+    #[arg(long)]
+    pub also_url: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -130,11 +130,9 @@ async fn echo_loop(mut ws: Ws, ctx: Ctx, mut pacer: Pacer) -> ConnStats {
             inflight.push_back((msg, now));
             fed = true;
         }
-        if fed {
-            if let Err(e) = ws.flush().await {
-                fail(format!("send failed: {e}"));
-                break;
-            }
+        if fed && let Err(e) = ws.flush().await {
+            fail(format!("send failed: {e}"));
+            break;
         }
         let Some(&(_, oldest)) = inflight.front() else {
             // Rate limited with nothing in flight: wait for the next slot.
@@ -191,10 +189,10 @@ async fn echo_loop(mut ws: Ws, ctx: Ctx, mut pacer: Pacer) -> ConnStats {
             }
         }
     }
-    if !ctx.failures.stopped() {
-        if let Err(e) = close_gracefully(&mut ws, ctx.timeout).await {
-            fail(e);
-        }
+    if !ctx.failures.stopped()
+        && let Err(e) = close_gracefully(&mut ws, ctx.timeout).await
+    {
+        fail(e);
     }
     stats
 }

@@ -37,6 +37,9 @@ struct MemberStats {
     delivered_in_window: u64,
     gaps: u64,
     latency: Latency,
+    /// Deliveries from a publisher on another instance (`--also-url`), and their latency.
+    cross_delivered: u64,
+    cross_latency: Latency,
     /// Flood messages received (text).
     flood_received: u64,
 }
@@ -64,17 +67,50 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     let common = &args.common;
     let publishers = args.publishers.min(args.members);
     let run_tag = std::process::id();
+    let instances: Vec<&String> = std::iter::once(&common.url)
+        .chain(args.also_url.iter())
+        .collect();
     let mut urls = Vec::new();
     for room in 0..args.rooms {
         let name = format!("{}-{run_tag}-{room}", args.room_prefix);
-        for _ in 0..args.members {
-            urls.push(room_url(&common.url, &name));
+        for member in 0..args.members {
+            urls.push(room_url(
+                instances[member as usize % instances.len()],
+                &name,
+            ));
         }
     }
     let connector =
         Connector::new(&urls[0], common.source_ips.unwrap_or(0), common.timeout).await?;
     let failures = Arc::new(Failures::default());
-    let conns = connect_many(&connector, urls, 256, &failures).await?;
+    // A connector resolves its server once: one per instance, each connecting its members,
+    // then the connections back in member order.
+    let n = instances.len();
+    let mut slots: Vec<Option<Ws>> = (0..urls.len()).map(|_| None).collect();
+    for (k, instance) in instances.iter().enumerate() {
+        let here: Vec<usize> = (0..urls.len())
+            .filter(|i| (i % args.members as usize) % n == k)
+            .collect();
+        let conn = if k == 0 {
+            connector.clone()
+        } else {
+            Connector::new(instance, common.source_ips.unwrap_or(0), common.timeout).await?
+        };
+        let opened = connect_many(
+            &conn,
+            here.iter().map(|&i| urls[i].clone()).collect(),
+            256,
+            &failures,
+        )
+        .await?;
+        for (i, ws) in here.into_iter().zip(opened) {
+            slots[i] = Some(ws);
+        }
+    }
+    let conns: Vec<Ws> = slots
+        .into_iter()
+        .map(|s| s.expect("every member connected"))
+        .collect();
     tokio::time::sleep(SETTLE).await;
     let harness = Harness::start(common, "deliveries")?;
     let window = harness.window;
@@ -109,6 +145,7 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
             failures: failures.clone(),
             counter: harness.counter.clone(),
             flooded: args.flooders > 0,
+            instances: instances.len() as u32,
         };
         let pacer = Pacer::new(Some(total_rate / npub), window.start, phase);
         tasks.push(tokio::spawn(member_loop(ws, ctx, pacer)));
@@ -123,6 +160,8 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
                 total.delivered_in_window += s.delivered_in_window;
                 total.gaps += s.gaps;
                 total.latency.merge(&s.latency);
+                total.cross_delivered += s.cross_delivered;
+                total.cross_latency.merge(&s.cross_latency);
                 total.flood_received += s.flood_received;
             }
             Err(e) => failures.fail(format!("member task failed: {e}")),
@@ -163,6 +202,17 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     r.set("delivery_ratio", (ratio * 1e6).round() / 1e6);
     r.set("lost_in_sequence", total.gaps);
     r.set("latency_us", total.latency.to_json());
+    if instances.len() > 1 {
+        r.set("instances", instances.len());
+        r.set("cross_delivered_total", total.cross_delivered);
+        r.set("cross_latency_us", total.cross_latency.to_json());
+        r.line(format!(
+            "instances      {}: {} deliveries crossed instances, latency {}",
+            instances.len(),
+            thousands(total.cross_delivered as f64),
+            total.cross_latency.summary()
+        ));
+    }
     if args.flooders > 0 {
         r.set("flooders", args.flooders);
         r.set("flood_sent", flood.sent);
@@ -233,6 +283,8 @@ struct MemberCtx {
     counter: Arc<AtomicU64>,
     /// Flooders are in the run: text messages are theirs, counted, not a failure.
     flooded: bool,
+    /// Instances the members are spread over (member i on instance i mod N).
+    instances: u32,
 }
 
 /// One abusive client: floods the first room until the run ends, reconnecting after every
@@ -375,12 +427,18 @@ async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStat
                 *slot = Some(m.seq);
                 let now = Instant::now();
                 stats.delivered += 1;
+                let cross = m.publisher % ctx.instances != ctx.member % ctx.instances;
+                if cross {
+                    stats.cross_delivered += 1;
+                }
                 if ctx.window.contains(now) {
                     stats.delivered_in_window += 1;
                     if m.ts_ns >= measure_start_ns {
-                        stats
-                            .latency
-                            .record_ns(payload::now_ns().saturating_sub(m.ts_ns));
+                        let ns = payload::now_ns().saturating_sub(m.ts_ns);
+                        stats.latency.record_ns(ns);
+                        if cross {
+                            stats.cross_latency.record_ns(ns);
+                        }
                     }
                 }
                 ctx.counter.fetch_add(1, Ordering::Relaxed);
@@ -410,10 +468,10 @@ async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStat
             }
         }
     }
-    if !ctx.failures.stopped() {
-        if let Err(e) = close_gracefully(&mut ws, ctx.timeout).await {
-            fail(e);
-        }
+    if !ctx.failures.stopped()
+        && let Err(e) = close_gracefully(&mut ws, ctx.timeout).await
+    {
+        fail(e);
     }
     stats
 }

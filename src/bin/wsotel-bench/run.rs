@@ -144,17 +144,24 @@ pub struct Edges {
 }
 
 /// Samples server and client CPU at `window.measure_start` and `window.end`.
-pub fn sample_edges(window: Window, pid: Option<u32>) -> tokio::task::JoinHandle<Edges> {
+pub fn sample_edges(window: Window, pids: Vec<u32>) -> tokio::task::JoinHandle<Edges> {
+    // The CPU seconds of every server, summed; None if any cannot be read.
+    fn cpu(pids: &[u32]) -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|&p| procfs::cpu_seconds(p)).sum()
+    }
     tokio::spawn(async move {
         tokio::time::sleep_until(window.measure_start.into()).await;
-        let s0 = pid.and_then(procfs::cpu_seconds);
+        let s0 = cpu(&pids);
         let c0 = procfs::own_cpu();
         tokio::time::sleep_until(window.end.into()).await;
-        let s1 = pid.and_then(procfs::cpu_seconds);
+        let s1 = cpu(&pids);
         let c1 = procfs::own_cpu();
         Edges {
             server_cpu_s: s0.zip(s1).map(|(a, b)| b - a),
-            server_rss: pid.and_then(procfs::rss_bytes),
+            server_rss: pids.first().copied().and_then(procfs::rss_bytes),
             client_cpu_s: (c1.saturating_sub(c0)).as_secs_f64(),
         }
     })
@@ -188,7 +195,14 @@ impl Harness {
             window,
             progress: Progress::start(window, counter.clone(), unit),
             counter,
-            edges: sample_edges(window, common.server_pid),
+            edges: sample_edges(
+                window,
+                common
+                    .server_pid
+                    .into_iter()
+                    .chain(common.also_server_pid.iter().copied())
+                    .collect(),
+            ),
             scraper,
         })
     }
