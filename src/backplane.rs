@@ -67,7 +67,12 @@ pub fn parse_servers(s: &str) -> Result<Vec<ServerAddr>, String> {
                     "`{u}` is not a NATS URL (e.g. nats://127.0.0.1:4222)"
                 ));
             }
-            ServerAddr::from_str(u).map_err(|e| format!("`{u}` is not a NATS URL: {e}"))
+            let addr =
+                ServerAddr::from_str(u).map_err(|e| format!("`{u}` is not a NATS URL: {e}"))?;
+            if addr.host().is_empty() {
+                return Err(format!("`{u}` names no host (e.g. nats://127.0.0.1:4222)"));
+            }
+            Ok(addr)
         })
         .collect::<Result<_, _>>()?;
     if servers.is_empty() {
@@ -206,12 +211,13 @@ impl Backplane {
         let subject = room_subject(&self.inner.prefix, room);
         // The client's queue has room (the send completes at once) or the message is dropped:
         // the connection never waits on NATS.
-        match self
+        // Unconstrained: Tokio's cooperative budget would otherwise make a send into a channel
+        // with room look full once the task has used its time slice.
+        let send = self
             .inner
             .client
-            .publish_with_headers(subject, headers, payload)
-            .now_or_never()
-        {
+            .publish_with_headers(subject, headers, payload);
+        match tokio::task::unconstrained(send).now_or_never() {
             Some(Ok(())) => events.backplane_message(true, len),
             Some(Err(err)) => {
                 events.backplane_error(match err.kind() {
@@ -231,9 +237,11 @@ impl Backplane {
     }
 
     /// Subscribes to `room` for its local members; the subscription lasts until the returned
-    /// handle is dropped (the room's last local member left), then it unsubscribes.
+    /// handle is dropped (the room's last local member left), then it unsubscribes. The handle
+    /// says when NATS has the subscription ([`RemoteInterest::ready`]).
     pub fn subscribe(&self, room: &str, local: Arc<dyn LocalDelivery>) -> RemoteInterest {
         let stop = CancellationToken::new();
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
         let inner = self.inner.clone();
         let room = room.to_owned();
         let subject = room_subject(&inner.prefix, &room);
@@ -246,6 +254,18 @@ impl Backplane {
                     return;
                 }
             };
+            // NATS handles one connection's commands in order: once it has answered a request
+            // sent after the SUB (with "no responders": nobody listens on the sync subject),
+            // the SUB is in place. A flush would only say the SUB left this process.
+            let sync = format!("{}.sync", inner.prefix);
+            let answered = tokio::time::timeout(
+                Duration::from_secs(2),
+                inner.client.request(sync, Bytes::new()),
+            )
+            .await;
+            if answered.is_ok() {
+                let _ = ready_tx.send(true);
+            }
             loop {
                 let msg = tokio::select! {
                     _ = guard.cancelled() => break,
@@ -259,13 +279,32 @@ impl Backplane {
             // Dropping the subscriber sends UNSUB.
             drop(sub);
         });
-        RemoteInterest { stop }
+        RemoteInterest {
+            stop,
+            ready,
+            backplane: self.clone(),
+        }
     }
 }
 
 /// A room's interest in the backplane: dropping it unsubscribes.
 pub struct RemoteInterest {
     stop: CancellationToken,
+    ready: tokio::sync::watch::Receiver<bool>,
+    backplane: Backplane,
+}
+
+impl RemoteInterest {
+    /// Waits (at most `bound`) until NATS has the subscription, so a member admitted after it
+    /// hears other instances from its first moment. Returns at once while NATS is away (the
+    /// client resubscribes when it is back).
+    pub async fn ready(&self, bound: Duration) {
+        if !self.backplane.connected() {
+            return;
+        }
+        let mut ready = self.ready.clone();
+        let _ = tokio::time::timeout(bound, ready.wait_for(|r| *r)).await;
+    }
 }
 
 impl Drop for RemoteInterest {
@@ -288,7 +327,9 @@ fn on_event(event: &async_nats::Event, connected: &AtomicBool, events: &Events) 
             events.backplane_mark_connected();
         }
         Event::Disconnected => {
-            connected.store(false, Ordering::Relaxed);
+            if !connected.swap(false, Ordering::Relaxed) {
+                return;
+            }
             tracing::warn!(
                 "backplane: disconnected from NATS; room messages stay local (counted dropped, \
                  backplane_unavailable) until it is back"
@@ -304,7 +345,13 @@ fn on_event(event: &async_nats::Event, connected: &AtomicBool, events: &Events) 
         }
         Event::ClientError(err) => {
             events.backplane_error("client_error");
-            tracing::warn!(error = %err, "backplane: NATS client error");
+            // Every failed reconnect attempt reports one: logged only while connected (once
+            // per transition), counted always.
+            if connected.load(Ordering::Relaxed) {
+                tracing::warn!(error = %err, "backplane: NATS client error");
+            } else {
+                tracing::debug!(error = %err, "backplane: NATS client error while disconnected");
+            }
         }
         Event::LameDuckMode | Event::Draining | Event::Closed => {
             tracing::info!(event = %event, "backplane: NATS connection state");
@@ -422,6 +469,15 @@ mod tests {
             2
         );
         assert!(parse_servers("not a url").is_err());
+        for hostless in [
+            "nats://",
+            "nats:///",
+            "nats://@",
+            "nats://?x",
+            "nats://:4222",
+        ] {
+            assert!(parse_servers(hostless).is_err(), "{hostless}");
+        }
         assert!(parse_servers("").is_err());
         assert!(parse_prefix("wsotel").is_ok());
         assert!(parse_prefix("prod.eu").is_ok());

@@ -180,14 +180,17 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// The backplane settings, when `--nats-url` is set.
-    pub fn backplane(&self) -> Option<crate::backplane::BackplaneSettings> {
-        let url = self.nats_url.as_deref()?;
-        Some(crate::backplane::BackplaneSettings {
-            servers: crate::backplane::parse_servers(url).ok()?,
-            prefix: self.nats_subject_prefix.clone(),
+    /// The backplane settings: `Ok(None)` without `--nats-url`, an error for a malformed one
+    /// (an embedder's `Config` is not parsed by clap).
+    pub fn backplane(&self) -> Result<Option<crate::backplane::BackplaneSettings>, String> {
+        let Some(url) = self.nats_url.as_deref() else {
+            return Ok(None);
+        };
+        Ok(Some(crate::backplane::BackplaneSettings {
+            servers: crate::backplane::parse_servers(url)?,
+            prefix: crate::backplane::parse_prefix(&self.nats_subject_prefix)?,
             queue: self.backplane_queue as usize,
-        })
+        }))
     }
 
     /// The authentication settings: which key (none means authentication is off), audience

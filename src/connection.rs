@@ -19,7 +19,7 @@ use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::rooms::Rooms;
+use crate::rooms::{Reservation, Rooms};
 use crate::telemetry::log_limit::LogEvent;
 use crate::telemetry::logging::panic_message;
 use crate::telemetry::traces::Handling;
@@ -153,8 +153,8 @@ pub enum ConnectionKind {
     Room {
         /// The registry to join.
         rooms: Rooms,
-        /// The room's name (validated before the upgrade).
-        name: String,
+        /// The room, held (and subscribed on the backplane) since before the 101.
+        reservation: Reservation,
         /// Capacity of the member's outbound queue.
         queue: usize,
     },
@@ -165,7 +165,7 @@ impl ConnectionKind {
     pub fn room(&self) -> Option<&str> {
         match self {
             ConnectionKind::Echo => None,
-            ConnectionKind::Room { name, .. } => Some(name),
+            ConnectionKind::Room { reservation, .. } => Some(reservation.room_name()),
         }
     }
 }
@@ -348,9 +348,16 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
 
     let (membership, mut rx) = match kind {
         ConnectionKind::Echo => (None, None),
-        ConnectionKind::Room { rooms, name, queue } => {
+        ConnectionKind::Room {
+            rooms,
+            reservation,
+            queue,
+        } => {
             let (tx, rx) = mpsc::channel(queue);
-            (Some(rooms.join(&name, id, tx, link.stop.clone())), Some(rx))
+            (
+                Some(rooms.join(reservation, id, tx, link.stop.clone())),
+                Some(rx),
+            )
         }
     };
     if events.log_allowed(LogEvent::ConnectionOpened) {

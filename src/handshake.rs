@@ -130,7 +130,7 @@ async fn echo(
     headers: HeaderMap,
     ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
-    upgrade(state, Route::Echo, None, peer, &uri, &headers, ws)
+    upgrade(state, Route::Echo, None, peer, &uri, &headers, ws).await
 }
 
 async fn room(
@@ -141,7 +141,7 @@ async fn room(
     headers: HeaderMap,
     ws: Result<UpgradeRequest, UpgradeError>,
 ) -> Response {
-    upgrade(state, Route::Rooms, Some(name), peer, &uri, &headers, ws)
+    upgrade(state, Route::Rooms, Some(name), peer, &uri, &headers, ws).await
 }
 
 fn reject(
@@ -179,7 +179,7 @@ fn reject_with(
     response
 }
 
-fn upgrade(
+async fn upgrade(
     state: WsState,
     route: Route,
     room: Option<String>,
@@ -288,9 +288,11 @@ fn upgrade(
     let config = &s.config;
     let kind = match room {
         None => ConnectionKind::Echo,
+        // With a backplane this waits until NATS has the room's subscription (bounded), so the
+        // member hears other instances from the moment it gets its 101.
         Some(name) => ConnectionKind::Room {
             rooms: s.rooms.clone(),
-            name,
+            reservation: s.rooms.reserve(&name).await,
             queue: config.outbound_queue as usize,
         },
     };

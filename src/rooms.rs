@@ -42,6 +42,9 @@ struct Room {
     members: RwLock<Vec<Member>>,
     /// The room's backplane subscription, while it has local members.
     remote: OnceLock<RemoteInterest>,
+    /// Upgrades admitted into the room whose connection has not joined yet: the room (and its
+    /// subscription) lives while there are any.
+    reserved: std::sync::atomic::AtomicUsize,
 }
 
 impl Room {
@@ -93,6 +96,42 @@ struct Member {
     kick: CancellationToken,
 }
 
+/// How long an upgrade into a room waits for the room's backplane subscription to be in place.
+const SUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A room held for an upgrade that has not joined yet (see [`Rooms::reserve`]).
+pub struct Reservation {
+    rooms: Rooms,
+    room: Arc<Room>,
+    name: String,
+    joined: bool,
+}
+
+impl Reservation {
+    /// The room's name.
+    pub fn room_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.joined {
+            return;
+        }
+        let mut map = self.rooms.inner.lock().expect("rooms lock poisoned");
+        let members = self.room.members.read().expect("room lock poisoned");
+        let left = self
+            .room
+            .reserved
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            - 1;
+        if members.is_empty() && left == 0 && map.remove(&self.name).is_some() {
+            self.rooms.events.room_removed();
+        }
+    }
+}
+
 /// A connection's place in a room; dropping it leaves the room (and removes the room when it
 /// was the last member), on every path out of the connection task.
 pub struct Membership {
@@ -122,23 +161,66 @@ impl Rooms {
         }
     }
 
-    /// Adds connection `id` to room `name`, creating the room if needed. Messages for the
-    /// member go to `tx`; `kick` is cancelled if it becomes a slow consumer.
+    /// Holds room `name` (creating it, and its backplane subscription) for an upgrade about to
+    /// be answered, and waits until the subscription is in place, so the member hears other
+    /// instances from the moment it is admitted. Without a backplane this waits for nothing.
+    pub async fn reserve(&self, name: &str) -> Reservation {
+        let room = {
+            let mut map = self.inner.lock().expect("rooms lock poisoned");
+            let room = self.room_in(&mut map, name);
+            room.reserved
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            room
+        };
+        if let Some(remote) = room.remote.get() {
+            remote.ready(SUBSCRIBE_WAIT).await;
+        }
+        Reservation {
+            rooms: self.clone(),
+            room,
+            name: name.to_owned(),
+            joined: false,
+        }
+    }
+
+    /// Adds connection `id` to the room `reservation` holds. Messages for the member go to
+    /// `tx`; `kick` is cancelled if it becomes a slow consumer.
     pub fn join(
         &self,
-        name: &str,
+        mut reservation: Reservation,
         id: u64,
         tx: mpsc::Sender<Message>,
         kick: CancellationToken,
     ) -> Membership {
-        let mut map = self.inner.lock().expect("rooms lock poisoned");
-        let room = map
-            .entry(name.to_owned())
+        let _map = self.inner.lock().expect("rooms lock poisoned");
+        reservation
+            .room
+            .members
+            .write()
+            .expect("room lock poisoned")
+            .push(Member { id, tx, kick });
+        reservation
+            .room
+            .reserved
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        reservation.joined = true;
+        Membership {
+            rooms: self.clone(),
+            room: reservation.room.clone(),
+            name: std::mem::take(&mut reservation.name),
+            id,
+        }
+    }
+
+    /// The room `name` in `map`, created (with its backplane subscription) if needed.
+    fn room_in(&self, map: &mut HashMap<String, Arc<Room>>, name: &str) -> Arc<Room> {
+        map.entry(name.to_owned())
             .or_insert_with(|| {
                 self.events.room_created();
                 let room = Arc::new(Room {
                     members: RwLock::new(Vec::new()),
                     remote: OnceLock::new(),
+                    reserved: std::sync::atomic::AtomicUsize::new(0),
                 });
                 if let Some(bp) = &self.backplane {
                     let local = Arc::new(RemoteDelivery {
@@ -149,17 +231,7 @@ impl Rooms {
                 }
                 room
             })
-            .clone();
-        room.members
-            .write()
-            .expect("room lock poisoned")
-            .push(Member { id, tx, kick });
-        Membership {
-            rooms: self.clone(),
-            room,
-            name: name.to_owned(),
-            id,
-        }
+            .clone()
     }
 
     /// How many rooms exist.
@@ -198,7 +270,11 @@ impl Drop for Membership {
         let mut map = self.rooms.inner.lock().expect("rooms lock poisoned");
         let mut members = self.room.members.write().expect("room lock poisoned");
         members.retain(|m| m.id != self.id);
-        if members.is_empty() && map.remove(&self.name).is_some() {
+        let reserved = self
+            .room
+            .reserved
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if members.is_empty() && reserved == 0 && map.remove(&self.name).is_some() {
             self.rooms.events.room_removed();
         }
     }

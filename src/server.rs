@@ -98,7 +98,10 @@ pub async fn run(
         .pending
         .set(Box::new(move || u64::from(counts.counts().0)));
 
-    let backplane = match config.backplane() {
+    let backplane = match config
+        .backplane()
+        .map_err(|e| ServerError::Config(format!("--nats-url: {e}")))?
+    {
         None => None,
         Some(settings) => {
             let spans = telemetry.spans().cloned().map(Arc::new);
