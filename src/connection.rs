@@ -76,15 +76,16 @@ pub struct ConnectionContext {
     pub span: ConnectionSpan,
     /// Where message spans are made, when traces are exported.
     pub spans: Option<Arc<Spans>>,
-    /// Who is on the other end (boxed: read only by the two log lines and the span).
-    pub identity: Box<Identity>,
-    /// What this connection may do, and how long its writes may stall.
-    pub limits: ConnectionLimits,
+    /// Who is on the other end and on what terms: boxed, because every idle connection pays
+    /// for what its future holds inline, and this is read only at the edges (the two log lines,
+    /// the span) and by room messages.
+    pub admission: Box<Admission>,
 }
 
-/// Who is on the other end: for the connection's log lines and span, never a metric.
-#[derive(Debug, Clone)]
-pub struct Identity {
+/// Who was admitted, and on what terms: for the connection's log lines and span (never a
+/// metric) and its limits.
+#[derive(Debug)]
+pub struct Admission {
     /// The client: the TCP peer, or the address a trusted proxy forwarded.
     pub client: IpAddr,
     /// The TCP peer.
@@ -93,6 +94,30 @@ pub struct Identity {
     pub subject: Option<String>,
     /// Where the client address is put in the penalty box when it exceeds the publish rate.
     pub sources: crate::sources::Sources,
+    /// What this connection may do, and how long its writes may stall.
+    pub limits: ConnectionLimits,
+    /// A room member's publish bucket (made when it starts).
+    publish: Option<TokenBucket>,
+}
+
+impl Admission {
+    /// An admission with these terms (the publish bucket is made when the connection starts).
+    pub fn new(
+        client: IpAddr,
+        peer: SocketAddr,
+        subject: Option<String>,
+        sources: crate::sources::Sources,
+        limits: ConnectionLimits,
+    ) -> Self {
+        Admission {
+            client,
+            peer,
+            subject,
+            sources,
+            limits,
+            publish: None,
+        }
+    }
 }
 
 /// The limits a connection enforces on itself.
@@ -312,7 +337,12 @@ fn in_span<R>(span: Option<&opentelemetry_sdk::trace::Span>, log: impl FnOnce() 
 /// The connection span is *not* made current on every poll: that would cost a thread-local
 /// push and pop per wake-up, per message. It is made current only around what the connection
 /// logs, so its log records still carry its ids.
-pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
+///
+/// Both arguments come boxed and are moved out at once: an async function keeps its arguments'
+/// slots for its whole life, so unboxed they would be paid twice by every idle connection (once
+/// as the argument, once where they are moved to).
+pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseReason {
+    let socket = *socket;
     let ConnectionContext {
         id,
         route,
@@ -323,9 +353,9 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
         kind,
         mut span,
         spans,
-        identity,
-        limits,
-    } = ctx;
+        admission: mut identity,
+    } = *ctx;
+    let limits = identity.limits;
     let guard = events.connection_opened(route);
     let mut link = Link {
         socket,
@@ -343,7 +373,7 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
         heartbeat: Heartbeat::new(ping_interval, pong_timeout, limits.expires_at),
         write_timeout: limits.write_timeout,
     };
-    let mut publish = (limits.publish_rate > 0 && matches!(kind, ConnectionKind::Room { .. }))
+    identity.publish = (limits.publish_rate > 0 && matches!(kind, ConnectionKind::Room { .. }))
         .then(|| TokenBucket::new(limits.publish_rate, limits.publish_burst, Instant::now()));
 
     let (membership, mut rx) = match kind {
@@ -455,7 +485,11 @@ pub async fn serve(socket: Socket, ctx: ConnectionContext) -> CloseReason {
                                         "publish not allowed",
                                     );
                                 }
-                                if publish.as_mut().is_some_and(|b| !b.take(received_at)) {
+                                if identity
+                                    .publish
+                                    .as_mut()
+                                    .is_some_and(|b| !b.take(received_at))
+                                {
                                     // At once, before the client sees the Close and reconnects.
                                     identity
                                         .sources
@@ -1102,5 +1136,25 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
                 "internal error",
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection pays for its future's size: this holds the line (measured in the
+    /// test build; the release build's is smaller). BENCHMARKS.md's idle memory per connection
+    /// is the number that matters; this catches a regression before a benchmark has to.
+    #[test]
+    fn the_connection_future_stays_small() {
+        fn size<F: std::future::Future>(
+            _f: impl Fn(Box<super::Socket>, Box<super::ConnectionContext>) -> F,
+        ) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let bytes = size(super::serve);
+        assert!(
+            bytes <= 2048,
+            "the connection future grew to {bytes} bytes: box what is rare (see Admission)"
+        );
     }
 }

@@ -21,7 +21,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::connection::{self, ConnectionContext, ConnectionKind, ConnectionLimits, Identity};
+use crate::connection::{self, Admission, ConnectionContext, ConnectionKind, ConnectionLimits};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
 use crate::sources::{OpenSlot, Refusal, Sources};
@@ -275,17 +275,26 @@ async fn upgrade(
         (Some(g), Some(room)) => g.may_publish(room),
         _ => true,
     };
-    let identity = Box::new(Identity {
-        client,
-        peer,
-        subject: grant.as_ref().map(|g| g.subject.clone()),
-        sources: s.sources.clone(),
-    });
     let expires_at = grant
         .as_ref()
         .map(|g| std::time::Instant::now() + g.remaining());
-
     let config = &s.config;
+    let limits = ConnectionLimits {
+        write_timeout: config.write_timeout,
+        publish_rate: config.publish_rate,
+        publish_burst: config.publish_burst,
+        may_publish,
+        expires_at,
+        rate_limit_penalty: config.rate_limit_penalty,
+    };
+    let admission = Box::new(Admission::new(
+        client,
+        peer,
+        grant.as_ref().map(|g| g.subject.clone()),
+        s.sources.clone(),
+        limits,
+    ));
+
     let kind = match room {
         None => ConnectionKind::Echo,
         // With a backplane this waits until NATS has the room's subscription (bounded), so the
@@ -312,15 +321,7 @@ async fn upgrade(
             kind,
             span,
             spans: s.spans.clone(),
-            identity,
-            limits: ConnectionLimits {
-                write_timeout: config.write_timeout,
-                publish_rate: config.publish_rate,
-                publish_burst: config.publish_burst,
-                may_publish,
-                expires_at,
-                rate_limit_penalty: config.rate_limit_penalty,
-            },
+            admission,
         },
         permit,
         source,
@@ -359,7 +360,7 @@ impl Pending {
             source,
         } = *self;
         let (id, route, events) = (ctx.id, ctx.route, ctx.events.clone());
-        AssertUnwindSafe(connection::serve(socket, ctx))
+        AssertUnwindSafe(connection::serve(Box::new(socket), Box::new(ctx)))
             .catch_unwind()
             .map(move |outcome| {
                 if let Err(panic) = outcome {
