@@ -11,7 +11,8 @@
 #   docker run --rm -p 8080:8080 -p 9464:9464 wsotel
 #
 # Rust 1.89: the newest rust-version any locked dependency declares (async-nats 0.51, the
-# backplane's client; tonic 0.14.9 needs 1.88). scripts/check-stack holds this against Cargo.lock.
+# backplane's client; tonic 0.14.9 needs 1.88). scripts/check-deploy holds this against the locked
+# dependency graph (cargo metadata).
 ARG RUST_VERSION=1.89
 ARG DEBIAN_RELEASE=bookworm
 
