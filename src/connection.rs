@@ -390,7 +390,7 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
             )
         }
     };
-    if events.log_allowed(LogEvent::ConnectionOpened) {
+    if events.log_allowed(LogEvent::ConnectionOpened, tracing::Level::INFO) {
         in_span(link.span, || {
             tracing::info!(
                 connection.id = id as i64,
@@ -688,7 +688,7 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
 
     let reason = ending.reason;
     let lifetime = guard.closed(reason, ending.initiator);
-    if events.log_allowed(LogEvent::ConnectionClosed) {
+    if events.log_allowed(LogEvent::ConnectionClosed, tracing::Level::INFO) {
         in_span(span.as_deref(), || {
             tracing::info!(
                 connection.id = id as i64,
@@ -938,7 +938,10 @@ impl Link<'_> {
     /// Counts an error on this connection and logs it (within the connection-error log budget).
     fn error(&self, error: ErrorType, message: &'static str) {
         self.events.error(self.route.route(), error);
-        if self.events.log_allowed(LogEvent::ConnectionError) {
+        if self
+            .events
+            .log_allowed(LogEvent::ConnectionError, tracing::Level::WARN)
+        {
             in_span(
                 self.span,
                 || tracing::warn!(error.type = error.as_str(), "{message}"),
@@ -1092,7 +1095,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
             | std::io::ErrorKind::UnexpectedEof => Ending::peer_gone(CloseReason::ClientAborted),
             _ => {
                 events.error(route.route(), ErrorType::Io);
-                if events.log_allowed(LogEvent::ConnectionError) {
+                if events.log_allowed(LogEvent::ConnectionError, tracing::Level::WARN) {
                     tracing::warn!(error = %e, "connection I/O error");
                 }
                 Ending::cut(CloseReason::InternalError)
@@ -1116,7 +1119,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
         }
         WsError::Protocol(_) | WsError::Capacity(_) => {
             events.error(route.route(), ErrorType::Protocol);
-            if events.log_allowed(LogEvent::ConnectionError) {
+            if events.log_allowed(LogEvent::ConnectionError, tracing::Level::INFO) {
                 tracing::info!(error = %err, "protocol error");
             }
             Ending::server(
@@ -1127,7 +1130,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
         }
         other => {
             events.error(route.route(), ErrorType::Io);
-            if events.log_allowed(LogEvent::ConnectionError) {
+            if events.log_allowed(LogEvent::ConnectionError, tracing::Level::WARN) {
                 tracing::warn!(error = %other, "connection error");
             }
             Ending::server(

@@ -165,7 +165,7 @@ fn reject_with(
     client: IpAddr,
 ) -> Response {
     events.handshake_rejected(Some(route), reason);
-    if events.log_allowed(LogEvent::HandshakeRejected) {
+    if events.log_allowed(LogEvent::HandshakeRejected, tracing::Level::INFO) {
         tracing::info!(
             http.route = route.as_str(),
             error.type = reason.as_str(),
