@@ -76,65 +76,53 @@ pub struct ConnectionContext {
     pub span: ConnectionSpan,
     /// Where message spans are made, when traces are exported.
     pub spans: Option<Arc<Spans>>,
-    /// Who is on the other end and on what terms: boxed, because every idle connection pays
-    /// for what its future holds inline, and this is read only at the edges (the two log lines,
-    /// the span) and by room messages.
-    pub admission: Box<Admission>,
+    /// The TCP peer (on the connection's log lines and span, never a metric).
+    pub peer: SocketAddr,
+    /// A write that makes no progress this long ends the connection (`write_timeout`).
+    pub write_timeout: Duration,
+    /// When the connection's token expires (closed with 1008 then), with authentication on.
+    pub expires_at: Option<Instant>,
+    /// The terms of a room member, an authenticated client or a forwarded one; `None` for a
+    /// plain echo connection. Boxed, and only when needed: every idle connection pays for what
+    /// its future holds inline.
+    pub admission: Option<Box<Admission>>,
 }
 
-/// Who was admitted, and on what terms: for the connection's log lines and span (never a
-/// metric) and its limits.
+/// Who was admitted beyond the TCP peer, and on what terms.
 #[derive(Debug)]
 pub struct Admission {
-    /// The client: the TCP peer, or the address a trusted proxy forwarded.
+    /// The client: the address a trusted proxy forwarded, else the TCP peer's.
     pub client: IpAddr,
-    /// The TCP peer.
-    pub peer: SocketAddr,
     /// The token's subject, when authentication is on.
     pub subject: Option<String>,
     /// Where the client address is put in the penalty box when it exceeds the publish rate.
     pub sources: crate::sources::Sources,
-    /// What this connection may do, and how long its writes may stall.
-    pub limits: ConnectionLimits,
+    /// Whether the token lets this member send to its room (always, without authentication).
+    pub may_publish: bool,
+    /// Room messages per second on average (`0`: no limit).
+    pub publish_rate: u32,
+    /// Room messages at once above the rate.
+    pub publish_burst: u32,
+    /// How long the client address is refused after this connection exceeds the publish rate.
+    pub rate_limit_penalty: Duration,
     /// A room member's publish bucket (made when it starts).
     publish: Option<TokenBucket>,
 }
 
 impl Admission {
-    /// An admission with these terms (the publish bucket is made when the connection starts).
-    pub fn new(
-        client: IpAddr,
-        peer: SocketAddr,
-        subject: Option<String>,
-        sources: crate::sources::Sources,
-        limits: ConnectionLimits,
-    ) -> Self {
+    /// Terms for `client` (the publish bucket is made when the connection starts).
+    pub fn new(client: IpAddr, sources: crate::sources::Sources) -> Self {
         Admission {
             client,
-            peer,
-            subject,
+            subject: None,
             sources,
-            limits,
+            may_publish: true,
+            publish_rate: 0,
+            publish_burst: 1,
+            rate_limit_penalty: Duration::ZERO,
             publish: None,
         }
     }
-}
-
-/// The limits a connection enforces on itself.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    /// A write that makes no progress this long ends the connection (`write_timeout`).
-    pub write_timeout: Duration,
-    /// Room messages per second on average (`0`: no limit).
-    pub publish_rate: u32,
-    /// Room messages at once above the rate.
-    pub publish_burst: u32,
-    /// Whether the token lets this member send to its room (always, without authentication).
-    pub may_publish: bool,
-    /// When the token expires: the connection is closed with 1008 then.
-    pub expires_at: Option<Instant>,
-    /// How long the client address is refused after this connection exceeds the publish rate.
-    pub rate_limit_penalty: Duration,
 }
 
 /// A token bucket: `burst` messages at once, refilled at `rate` per second.
@@ -353,9 +341,11 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
         kind,
         mut span,
         spans,
-        admission: mut identity,
+        peer,
+        write_timeout,
+        expires_at,
+        mut admission,
     } = *ctx;
-    let limits = identity.limits;
     let guard = events.connection_opened(route);
     let mut link = Link {
         socket,
@@ -370,11 +360,15 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
             ConnectionKind::Echo => shutdown.clone(),
             ConnectionKind::Room { .. } => shutdown.child_token(),
         },
-        heartbeat: Heartbeat::new(ping_interval, pong_timeout, limits.expires_at),
-        write_timeout: limits.write_timeout,
+        heartbeat: Heartbeat::new(ping_interval, pong_timeout, expires_at),
+        write_timeout,
     };
-    identity.publish = (limits.publish_rate > 0 && matches!(kind, ConnectionKind::Room { .. }))
-        .then(|| TokenBucket::new(limits.publish_rate, limits.publish_burst, Instant::now()));
+    if let Some(a) = admission.as_mut() {
+        a.publish = (a.publish_rate > 0 && matches!(kind, ConnectionKind::Room { .. }))
+            .then(|| TokenBucket::new(a.publish_rate, a.publish_burst, Instant::now()));
+    }
+    let client = |a: &Option<Box<Admission>>| a.as_ref().map_or(peer.ip(), |a| a.client);
+    let subject = |a: &Option<Box<Admission>>| a.as_ref().and_then(|a| a.subject.clone());
 
     let (membership, mut rx) = match kind {
         ConnectionKind::Echo => (None, None),
@@ -390,15 +384,15 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
             )
         }
     };
-    if events.log_allowed(LogEvent::ConnectionOpened, tracing::Level::INFO) {
+    if events.log_allowed(LogEvent::ConnectionOpened) {
         in_span(link.span, || {
             tracing::info!(
                 connection.id = id as i64,
                 http.route = route.as_str(),
-                client.address = %identity.client,
-                network.peer.address = %identity.peer.ip(),
-                network.peer.port = identity.peer.port(),
-                user.id = identity.subject.as_deref(),
+                client.address = %client(&admission),
+                network.peer.address = %peer.ip(),
+                network.peer.port = peer.port(),
+                user.id = subject(&admission),
                 "connection opened"
             )
         });
@@ -474,7 +468,7 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
                     match msg {
                         Message::Text(_) | Message::Binary(_) => {
                             if membership.is_some() {
-                                if !limits.may_publish {
+                                if !admission.as_ref().is_none_or(|a| a.may_publish) {
                                     link.error(
                                         ErrorType::PublishForbidden,
                                         "publish not allowed: closing with 1008",
@@ -485,15 +479,11 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
                                         "publish not allowed",
                                     );
                                 }
-                                if identity
-                                    .publish
-                                    .as_mut()
-                                    .is_some_and(|b| !b.take(received_at))
+                                if let Some(a) = admission.as_mut()
+                                    && a.publish.as_mut().is_some_and(|b| !b.take(received_at))
                                 {
                                     // At once, before the client sees the Close and reconnects.
-                                    identity
-                                        .sources
-                                        .penalize(identity.client, limits.rate_limit_penalty);
+                                    a.sources.penalize(a.client, a.rate_limit_penalty);
                                     link.error(
                                         ErrorType::RateLimited,
                                         "publish rate exceeded: closing with 1008",
@@ -688,15 +678,15 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
 
     let reason = ending.reason;
     let lifetime = guard.closed(reason, ending.initiator);
-    if events.log_allowed(LogEvent::ConnectionClosed, tracing::Level::INFO) {
+    if events.log_allowed(LogEvent::ConnectionClosed) {
         in_span(span.as_deref(), || {
             tracing::info!(
                 connection.id = id as i64,
                 http.route = route.as_str(),
-                client.address = %identity.client,
-                network.peer.address = %identity.peer.ip(),
-                network.peer.port = identity.peer.port(),
-                user.id = identity.subject.as_deref(),
+                client.address = %client(&admission),
+                network.peer.address = %peer.ip(),
+                network.peer.port = peer.port(),
+                user.id = subject(&admission),
                 websocket.room = room.as_deref(),
                 websocket.close.code = ending.code.map(i64::from),
                 websocket.close.reason = reason.as_str(),
@@ -718,11 +708,11 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
             if let Some(code) = ending.code {
                 span.set_attribute(KeyValue::new("websocket.close.code", i64::from(code)));
             }
-            if let Some(subject) = &identity.subject {
-                span.set_attribute(KeyValue::new("user.id", subject.clone()));
+            if let Some(subject) = subject(&admission) {
+                span.set_attribute(KeyValue::new("user.id", subject));
             }
             span.set_attributes([
-                KeyValue::new("client.address", identity.client.to_string()),
+                KeyValue::new("client.address", client(&admission).to_string()),
                 KeyValue::new("websocket.close.reason", reason.as_str()),
                 KeyValue::new("websocket.close.initiator", ending.initiator.as_str()),
                 KeyValue::new("websocket.messages.received", totals.messages_in as i64),
@@ -938,10 +928,7 @@ impl Link<'_> {
     /// Counts an error on this connection and logs it (within the connection-error log budget).
     fn error(&self, error: ErrorType, message: &'static str) {
         self.events.error(self.route.route(), error);
-        if self
-            .events
-            .log_allowed(LogEvent::ConnectionError, tracing::Level::WARN)
-        {
+        if self.events.log_allowed(LogEvent::ConnectionError) {
             in_span(
                 self.span,
                 || tracing::warn!(error.type = error.as_str(), "{message}"),
@@ -1095,7 +1082,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
             | std::io::ErrorKind::UnexpectedEof => Ending::peer_gone(CloseReason::ClientAborted),
             _ => {
                 events.error(route.route(), ErrorType::Io);
-                if events.log_allowed(LogEvent::ConnectionError, tracing::Level::WARN) {
+                if events.log_allowed(LogEvent::ConnectionError) {
                     tracing::warn!(error = %e, "connection I/O error");
                 }
                 Ending::cut(CloseReason::InternalError)
@@ -1119,7 +1106,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
         }
         WsError::Protocol(_) | WsError::Capacity(_) => {
             events.error(route.route(), ErrorType::Protocol);
-            if events.log_allowed(LogEvent::ConnectionError, tracing::Level::INFO) {
+            if events.log_allowed(LogEvent::ConnectionError) {
                 tracing::info!(error = %err, "protocol error");
             }
             Ending::server(
@@ -1130,7 +1117,7 @@ fn classify_error(events: &Events, route: &RouteInstruments, err: tungstenite::E
         }
         other => {
             events.error(route.route(), ErrorType::Io);
-            if events.log_allowed(LogEvent::ConnectionError, tracing::Level::WARN) {
+            if events.log_allowed(LogEvent::ConnectionError) {
                 tracing::warn!(error = %other, "connection error");
             }
             Ending::server(

@@ -21,7 +21,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
-use crate::connection::{self, Admission, ConnectionContext, ConnectionKind, ConnectionLimits};
+use crate::connection::{self, Admission, ConnectionContext, ConnectionKind};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
 use crate::sources::{OpenSlot, Refusal, Sources};
@@ -165,7 +165,7 @@ fn reject_with(
     client: IpAddr,
 ) -> Response {
     events.handshake_rejected(Some(route), reason);
-    if events.log_allowed(LogEvent::HandshakeRejected, tracing::Level::INFO) {
+    if events.log_allowed(LogEvent::HandshakeRejected) {
         tracing::info!(
             http.route = route.as_str(),
             error.type = reason.as_str(),
@@ -279,21 +279,16 @@ async fn upgrade(
         .as_ref()
         .map(|g| std::time::Instant::now() + g.remaining());
     let config = &s.config;
-    let limits = ConnectionLimits {
-        write_timeout: config.write_timeout,
-        publish_rate: config.publish_rate,
-        publish_burst: config.publish_burst,
-        may_publish,
-        expires_at,
-        rate_limit_penalty: config.rate_limit_penalty,
-    };
-    let admission = Box::new(Admission::new(
-        client,
-        peer,
-        grant.as_ref().map(|g| g.subject.clone()),
-        s.sources.clone(),
-        limits,
-    ));
+    // Terms beyond the TCP peer only when there are any: a plain echo connection pays nothing.
+    let admission = (room.is_some() || grant.is_some() || client != peer.ip()).then(|| {
+        let mut a = Admission::new(client, s.sources.clone());
+        a.subject = grant.as_ref().map(|g| g.subject.clone());
+        a.may_publish = may_publish;
+        a.publish_rate = config.publish_rate;
+        a.publish_burst = config.publish_burst;
+        a.rate_limit_penalty = config.rate_limit_penalty;
+        Box::new(a)
+    });
 
     let kind = match room {
         None => ConnectionKind::Echo,
@@ -321,6 +316,9 @@ async fn upgrade(
             kind,
             span,
             spans: s.spans.clone(),
+            peer,
+            write_timeout: config.write_timeout,
+            expires_at,
             admission,
         },
         permit,

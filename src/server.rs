@@ -344,7 +344,7 @@ async fn accept_loop(
 /// Counts and logs (within the log budget) a socket refused before any request was answered.
 fn refused(events: &Events, reason: RejectReason, peer: SocketAddr) {
     events.handshake_rejected(None, reason);
-    if events.log_allowed(LogEvent::HandshakeRejected, tracing::Level::INFO) {
+    if events.log_allowed(LogEvent::HandshakeRejected) {
         tracing::info!(
             error.type = reason.as_str(),
             client.address = %peer.ip(),

@@ -455,14 +455,9 @@ impl Events {
         &self.inner.saturation
     }
 
-    /// Whether a connection-level log line of `event` at `level` may be written now (see
-    /// [`LogLimiter`]); one held back is counted in `websocket.server.log.suppressed`. A line
-    /// the log filter would drop anyway (below `RUST_LOG`'s level) is neither written nor
-    /// counted, and spends no budget.
-    pub fn log_allowed(&self, event: LogEvent, level: tracing::Level) -> bool {
-        if !level_enabled(level) {
-            return false;
-        }
+    /// Whether a connection-level log line of `event` may be written now (see
+    /// [`LogLimiter`]); one held back is counted in `websocket.server.log.suppressed`.
+    pub fn log_allowed(&self, event: LogEvent) -> bool {
         if self.inner.logs.allow(event) {
             return true;
         }
@@ -633,16 +628,5 @@ impl Drop for ConnectionGuard {
             self.record_lifetime(CloseReason::InternalError, CloseInitiator::Server);
         }
         self.route.active.add(-1);
-    }
-}
-
-/// Whether any subscriber takes events at `level` (the filter's most verbose level).
-fn level_enabled(level: tracing::Level) -> bool {
-    match level {
-        tracing::Level::ERROR => tracing::level_enabled!(tracing::Level::ERROR),
-        tracing::Level::WARN => tracing::level_enabled!(tracing::Level::WARN),
-        tracing::Level::INFO => tracing::level_enabled!(tracing::Level::INFO),
-        tracing::Level::DEBUG => tracing::level_enabled!(tracing::Level::DEBUG),
-        tracing::Level::TRACE => tracing::level_enabled!(tracing::Level::TRACE),
     }
 }
