@@ -41,6 +41,16 @@ use crate::telemetry::{DropReason, Events, Route, Spans};
 const SENT_AT: &str = "Wsotel-Sent-At";
 /// Header carrying the message type (`text` or `binary`).
 const KIND: &str = "Wsotel-Kind";
+/// `error.type` values of `websocket.server.backplane.errors` (a fixed set: they start at 0).
+pub const ERROR_TYPES: [&str; 6] = [
+    "send",
+    "max_payload",
+    "invalid_subject",
+    "slow_consumer",
+    "server_error",
+    "client_error",
+];
+
 /// Messages a subscription buffers before NATS reports it a slow consumer.
 const SUBSCRIPTION_CAPACITY: usize = 8192;
 

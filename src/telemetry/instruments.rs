@@ -395,6 +395,9 @@ impl Events {
             i.backplane_io.add(0, &attrs);
         }
         i.backplane_reconnects.add(0, &[]);
+        for e in crate::backplane::ERROR_TYPES {
+            i.backplane_errors.add(0, &[KeyValue::new(ERROR_TYPE, e)]);
+        }
         for d in [DropReason::BackplaneUnavailable, DropReason::BackplaneFull] {
             let attrs = [
                 KeyValue::new(ROUTE, Route::Rooms.as_str()),
