@@ -330,7 +330,16 @@ fn in_span<R>(span: Option<&opentelemetry_sdk::trace::Span>, log: impl FnOnce() 
 /// slots for its whole life, so unboxed they would be paid twice by every idle connection (once
 /// as the argument, once where they are moved to).
 pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseReason {
-    let socket = *socket;
+    // Moved out in blocks of their own, so each box is freed at once (a box moved out of stays
+    // allocated until its binding goes out of scope: here, the end of the connection).
+    let socket: Socket = {
+        let boxed = socket;
+        *boxed
+    };
+    let ctx: ConnectionContext = {
+        let boxed = ctx;
+        *boxed
+    };
     let ConnectionContext {
         id,
         route,
@@ -345,7 +354,7 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
         write_timeout,
         expires_at,
         mut admission,
-    } = *ctx;
+    } = ctx;
     let guard = events.connection_opened(route);
     let mut link = Link {
         socket,
