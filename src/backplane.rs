@@ -200,7 +200,12 @@ impl Backplane {
     /// Hands a room message to the backplane without waiting. Counted as dropped (with its
     /// reason) when NATS is away or the queue is full. `trace`: the producer span's context to
     /// carry, for a sampled message.
-    pub fn publish(&self, room: &str, msg: &Message, trace: Option<&opentelemetry::Context>) {
+    pub fn publish(
+        &self,
+        subject: &async_nats::Subject,
+        msg: &Message,
+        trace: Option<&opentelemetry::Context>,
+    ) {
         let events = &self.inner.events;
         if !self.connected() {
             events.dropped(Route::Rooms, DropReason::BackplaneUnavailable, 1);
@@ -218,7 +223,8 @@ impl Backplane {
             inject(cx, &mut headers);
         }
         let len = payload.len();
-        let subject = room_subject(&self.inner.prefix, room);
+        // The room's subject, made once when the room was (a reference-counted clone).
+        let subject = subject.clone();
         // The client's queue has room (the send completes at once) or the message is dropped:
         // the connection never waits on NATS.
         // Unconstrained: Tokio's cooperative budget would otherwise make a send into a channel
@@ -241,11 +247,6 @@ impl Backplane {
         }
     }
 
-    /// The subject of `room`.
-    pub fn subject(&self, room: &str) -> String {
-        room_subject(&self.inner.prefix, room)
-    }
-
     /// Subscribes to `room` for its local members; the subscription lasts until the returned
     /// handle is dropped (the room's last local member left), then it unsubscribes. The handle
     /// says when NATS has the subscription ([`RemoteInterest::ready`]).
@@ -255,6 +256,7 @@ impl Backplane {
         let inner = self.inner.clone();
         let room = room.to_owned();
         let subject = room_subject(&inner.prefix, &room);
+        let interest_subject = async_nats::Subject::from(subject.as_str());
         let guard = stop.clone();
         tokio::spawn(async move {
             let mut sub = match inner.client.subscribe(subject.clone()).await {
@@ -293,6 +295,7 @@ impl Backplane {
             stop,
             ready,
             backplane: self.clone(),
+            subject: interest_subject,
         }
     }
 }
@@ -302,9 +305,16 @@ pub struct RemoteInterest {
     stop: CancellationToken,
     ready: tokio::sync::watch::Receiver<bool>,
     backplane: Backplane,
+    /// The room's subject, made once for every message published to it.
+    subject: async_nats::Subject,
 }
 
 impl RemoteInterest {
+    /// The room's subject.
+    pub fn subject(&self) -> &async_nats::Subject {
+        &self.subject
+    }
+
     /// Waits (at most `bound`) until NATS has the subscription, so a member admitted after it
     /// hears other instances from its first moment. Returns at once while NATS is away (the
     /// client resubscribes when it is back).

@@ -19,7 +19,7 @@ use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::rooms::{Reservation, Rooms};
+use crate::rooms::Reservation;
 use crate::telemetry::log_limit::LogEvent;
 use crate::telemetry::logging::panic_message;
 use crate::telemetry::traces::Handling;
@@ -164,8 +164,6 @@ pub enum ConnectionKind {
     Echo,
     /// Every data message goes to the other members of the room.
     Room {
-        /// The registry to join.
-        rooms: Rooms,
         /// The room, held (and subscribed on the backplane) since before the 101.
         reservation: Reservation,
         /// Capacity of the member's outbound queue.
@@ -381,16 +379,9 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
 
     let (membership, mut rx) = match kind {
         ConnectionKind::Echo => (None, None),
-        ConnectionKind::Room {
-            rooms,
-            reservation,
-            queue,
-        } => {
+        ConnectionKind::Room { reservation, queue } => {
             let (tx, rx) = mpsc::channel(queue);
-            (
-                Some(rooms.join(reservation, id, tx, link.stop.clone())),
-                Some(rx),
-            )
+            (Some(reservation.join(id, tx, link.stop.clone())), Some(rx))
         }
     };
     if events.log_allowed(LogEvent::ConnectionOpened) {
@@ -516,7 +507,7 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
                                     let handling = Handling::Broadcast {
                                         recipients: d.queued,
                                     };
-                                    if let Some(bp) = m.backplane() {
+                                    if let Some((bp, subject)) = m.backplane() {
                                         // A sampled message's span is recorded now, so its
                                         // PRODUCER child can travel in the NATS headers.
                                         let cx = match (traced.take(), link.span) {
@@ -532,12 +523,11 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
                                                     size,
                                                     handling,
                                                 );
-                                                let subject = bp.subject(m.room_name());
-                                                Some(spans.producer(&message, &subject, size))
+                                                Some(spans.producer(&message, subject, size))
                                             }
                                             _ => None,
                                         };
-                                        bp.publish(m.room_name(), &msg, cx.as_ref());
+                                        bp.publish(subject, &msg, cx.as_ref());
                                     }
                                     (Ok(()), handling)
                                 }
@@ -626,7 +616,10 @@ pub async fn serve(socket: Box<Socket>, ctx: Box<ConnectionContext>) -> CloseRea
                     link.heartbeat.outstanding = Some((link.heartbeat.seq, now));
                     sleep.as_mut().reset(link.heartbeat.deadline().into());
                     let ping = Message::Ping(payload.to_vec().into());
-                    let bound = link.write_bound();
+                    let bound = WriteBound {
+                        timeout: link.write_timeout,
+                        heartbeat: &link.heartbeat,
+                    };
                     match Box::pin(write(&link.stop, bound, link.socket.send(ping))).await {
                         Written::Done(Ok(())) => link.route.message(
                             Direction::Transmit,
@@ -865,7 +858,10 @@ impl Link<'_> {
     /// transmitted when handed to the writer.
     async fn feed_data(&mut self, msg: Message) -> Result<(), Ending> {
         let (kind, len) = kind_and_len(&msg);
-        let bound = self.write_bound();
+        let bound = WriteBound {
+            timeout: self.write_timeout,
+            heartbeat: &self.heartbeat,
+        };
         let fed = write(&self.stop, bound, self.socket.feed(msg)).await;
         self.sent(fed, kind, len)
     }
@@ -899,23 +895,14 @@ impl Link<'_> {
 
     /// Writes out whatever was fed.
     async fn flush(&mut self) -> Result<(), Ending> {
-        let bound = self.write_bound();
+        let bound = WriteBound {
+            timeout: self.write_timeout,
+            heartbeat: &self.heartbeat,
+        };
         match write(&self.stop, bound, self.socket.flush()).await {
             Written::Done(Err(err)) => Err(self.classify(err)),
             Written::Done(Ok(())) | Written::Stopped => Ok(()),
             Written::TimedOut(reason) => Err(self.timed_out(reason)),
-        }
-    }
-
-    /// How long the next write may stall: `--write-timeout`, or less when the heartbeat would
-    /// have ended the connection first (the heartbeat keeps running while a write is pending):
-    /// the outstanding ping's pong deadline, or, with none outstanding, that of the next ping,
-    /// which a stalled socket cannot even send.
-    fn write_bound(&self) -> WriteBound {
-        let hb = &self.heartbeat;
-        WriteBound {
-            timeout: self.write_timeout,
-            pong_due: Some(hb.pong_due().unwrap_or(hb.next_ping + hb.timeout)),
         }
     }
 
@@ -1032,11 +1019,28 @@ enum Written<T> {
     TimedOut(CloseReason),
 }
 
-/// How long a write may wait for the socket.
-#[derive(Debug, Clone, Copy)]
-struct WriteBound {
+/// How long a write may wait for the socket: `--write-timeout`, or less when the heartbeat would
+/// have ended the connection first (it keeps running while a write is pending): the outstanding
+/// ping's pong deadline, or, with none outstanding, that of the next ping, which a stalled socket
+/// cannot even send. Worked out only when a write has to wait.
+#[derive(Clone, Copy)]
+struct WriteBound<'h> {
     timeout: Duration,
-    pong_due: Option<Instant>,
+    heartbeat: &'h Heartbeat,
+}
+
+impl WriteBound<'_> {
+    /// The deadline of a write that starts waiting now, and why it would end there.
+    fn deadline(&self) -> (Instant, CloseReason) {
+        let hb = self.heartbeat;
+        let pong_due = hb.pong_due().unwrap_or(hb.next_ping + hb.timeout);
+        let stall_until = Instant::now() + self.timeout;
+        if pong_due < stall_until {
+            (pong_due, CloseReason::HeartbeatTimeout)
+        } else {
+            (stall_until, CloseReason::WriteTimeout)
+        }
+    }
 }
 
 /// Runs a write. Most complete at once: then no timer is armed and no stop future made. One
@@ -1044,19 +1048,15 @@ struct WriteBound {
 /// connection future stays small for every idle connection).
 async fn write<F: Future>(
     stop: &CancellationToken,
-    bound: WriteBound,
+    bound: WriteBound<'_>,
     fut: F,
 ) -> Written<F::Output> {
     let mut fut = std::pin::pin!(fut);
     if let Poll::Ready(out) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
         return Written::Done(out);
     }
+    let (deadline, reason) = bound.deadline();
     Box::pin(async move {
-        let stall_until = Instant::now() + bound.timeout;
-        let (deadline, reason) = match bound.pong_due {
-            Some(due) if due < stall_until => (due, CloseReason::HeartbeatTimeout),
-            _ => (stall_until, CloseReason::WriteTimeout),
-        };
         tokio::select! {
             biased;
             out = fut => Written::Done(out),

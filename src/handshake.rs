@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::connection::{self, Admission, ConnectionContext, ConnectionKind};
 use crate::http_metrics;
 use crate::rooms::{Rooms, valid_room_name};
-use crate::sources::{OpenSlot, Refusal, Sources};
+use crate::sources::{OpenSlot, Sources};
 use crate::telemetry::log_limit::LogEvent;
 use crate::telemetry::traces::remote_parent;
 use crate::telemetry::{ErrorType, Events, RejectReason, Route, Spans};
@@ -58,6 +58,8 @@ struct WsInner {
     auth: Option<Authenticator>,
     /// Per-source counts and limits.
     sources: Sources,
+    /// The socket settings of every connection.
+    socket_config: tungstenite::protocol::WebSocketConfig,
 }
 
 impl WsState {
@@ -72,6 +74,7 @@ impl WsState {
         backplane: Option<crate::backplane::Backplane>,
     ) -> Self {
         let spans = spans.map(Arc::new);
+        let socket_config = socket_config(config.max_message_size);
         let allowed_origins = config
             .allowed_origins
             .iter()
@@ -89,6 +92,7 @@ impl WsState {
                 config,
                 auth,
                 sources,
+                socket_config,
             }),
         }
     }
@@ -240,27 +244,13 @@ async fn upgrade(
             Err(err) => return reject(events, route, err.reason(), err.status(), client),
         },
     };
+    // Over the per-address limit, or serving a rate-limit penalty: 429 either way.
     let source = match s.sources.open(client) {
         Ok(slot) => slot,
-        Err(Refusal::IpLimit) => {
-            return reject(
-                events,
-                route,
-                RejectReason::IpLimit,
-                StatusCode::TOO_MANY_REQUESTS,
-                client,
-            );
+        Err(refusal) => {
+            let status = StatusCode::TOO_MANY_REQUESTS;
+            return reject(events, route, refusal.reason(), status, client);
         }
-        Err(Refusal::Penalized) => {
-            return reject(
-                events,
-                route,
-                RejectReason::RateLimitPenalty,
-                StatusCode::TOO_MANY_REQUESTS,
-                client,
-            );
-        }
-        Err(_) => unreachable!("open() refuses only for the per-address limit or a penalty"),
     };
     let Ok(permit) = s.slots.clone().try_acquire_owned() else {
         return reject(
@@ -295,7 +285,6 @@ async fn upgrade(
         // With a backplane this waits until NATS has the room's subscription (bounded), so the
         // member hears other instances from the moment it gets its 101.
         Some(name) => ConnectionKind::Room {
-            rooms: s.rooms.clone(),
             reservation: s.rooms.reserve(&name).await,
             queue: config.outbound_queue as usize,
         },
@@ -324,14 +313,18 @@ async fn upgrade(
         permit,
         source,
     });
-    let max = config.max_message_size;
-    let socket_config = tungstenite::protocol::WebSocketConfig::default()
+    ws.accept(s.socket_config, move |socket| pending.start(socket))
+}
+
+/// The socket settings every connection gets, made once: buffers (see [`READ_BUFFER`]) and the
+/// message and frame size limit.
+fn socket_config(max: usize) -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_write_buffer_size(WRITE_BUFFER + 2 * max + 1024)
         .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    ws.accept(socket_config, move |socket| pending.start(socket))
+        .max_frame_size(Some(max))
 }
 
 /// Everything a connection needs once upgraded, in one allocation: axum keeps the upgrade

@@ -112,6 +112,32 @@ impl Reservation {
     pub fn room_name(&self) -> &str {
         &self.name
     }
+
+    /// Adds connection `id` to the held room. Messages for the member go to `tx`; `kick` is
+    /// cancelled if it becomes a slow consumer.
+    pub fn join(
+        mut self,
+        id: u64,
+        tx: mpsc::Sender<Message>,
+        kick: CancellationToken,
+    ) -> Membership {
+        let _map = self.rooms.inner.lock().expect("rooms lock poisoned");
+        self.room
+            .members
+            .write()
+            .expect("room lock poisoned")
+            .push(Member { id, tx, kick });
+        self.room
+            .reserved
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.joined = true;
+        Membership {
+            rooms: self.rooms.clone(),
+            room: self.room.clone(),
+            name: std::mem::take(&mut self.name),
+            id,
+        }
+    }
 }
 
 impl Drop for Reservation {
@@ -183,35 +209,6 @@ impl Rooms {
         }
     }
 
-    /// Adds connection `id` to the room `reservation` holds. Messages for the member go to
-    /// `tx`; `kick` is cancelled if it becomes a slow consumer.
-    pub fn join(
-        &self,
-        mut reservation: Reservation,
-        id: u64,
-        tx: mpsc::Sender<Message>,
-        kick: CancellationToken,
-    ) -> Membership {
-        let _map = self.inner.lock().expect("rooms lock poisoned");
-        reservation
-            .room
-            .members
-            .write()
-            .expect("room lock poisoned")
-            .push(Member { id, tx, kick });
-        reservation
-            .room
-            .reserved
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        reservation.joined = true;
-        Membership {
-            rooms: self.clone(),
-            room: reservation.room.clone(),
-            name: std::mem::take(&mut reservation.name),
-            id,
-        }
-    }
-
     /// The room `name` in `map`, created (with its backplane subscription) if needed.
     fn room_in(&self, map: &mut HashMap<String, Arc<Room>>, name: &str) -> Arc<Room> {
         map.entry(name.to_owned())
@@ -252,10 +249,11 @@ impl Membership {
         self.room.queue(msg, Some(self.id), &self.rooms.events)
     }
 
-    /// The backplane, when rooms span instances: the connection publishes to it after the local
-    /// broadcast (see [`Backplane::publish`]).
-    pub fn backplane(&self) -> Option<&Backplane> {
-        self.rooms.backplane.as_ref()
+    /// The backplane and the room's subject on it, when rooms span instances: the connection
+    /// publishes there after the local broadcast (see [`Backplane::publish`]).
+    pub fn backplane(&self) -> Option<(&Backplane, &async_nats::Subject)> {
+        let remote = self.room.remote.get()?;
+        Some((self.rooms.backplane.as_ref()?, remote.subject()))
     }
 
     /// The room's name.

@@ -33,7 +33,7 @@ use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::config::Config;
 use crate::handshake::{self, WsState};
-use crate::sources::{FD_RESERVE, Refusal, SourceLimits, Sources};
+use crate::sources::{FD_RESERVE, SourceLimits, Sources};
 use crate::telemetry::log_limit::{LogEvent, REPORT_EVERY};
 use crate::telemetry::{Events, RejectReason, Telemetry};
 
@@ -269,11 +269,7 @@ async fn accept_loop(
         };
         let slot = match sources.as_ref().map(|s| s.admit(peer.ip())) {
             Some(Err(refusal)) => {
-                let reason = match refusal {
-                    Refusal::Descriptors => RejectReason::DescriptorLimit,
-                    _ => RejectReason::PendingLimit,
-                };
-                refused(&events, reason, peer);
+                refused(&events, refusal.reason(), peer);
                 // Dropped at once: the client sees its connection closed.
                 continue;
             }

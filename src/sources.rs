@@ -153,6 +153,19 @@ pub enum Refusal {
     Penalized,
 }
 
+impl Refusal {
+    /// The bounded `error.type` it is counted under.
+    pub fn reason(self) -> crate::telemetry::RejectReason {
+        use crate::telemetry::RejectReason;
+        match self {
+            Refusal::PendingLimit | Refusal::PendingPerIp => RejectReason::PendingLimit,
+            Refusal::Descriptors => RejectReason::DescriptorLimit,
+            Refusal::IpLimit => RejectReason::IpLimit,
+            Refusal::Penalized => RejectReason::RateLimitPenalty,
+        }
+    }
+}
+
 /// A socket accepted on the WebSocket listener, counted as pending until dropped (when its
 /// HTTP connection ends: refused, timed out, or handed over by the upgrade, after which its
 /// [`OpenSlot`] counts it).
