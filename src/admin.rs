@@ -9,19 +9,20 @@ use axum::http::{StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio_util::sync::CancellationToken;
 
 use crate::http_metrics;
+use crate::layer::WebSockets;
 use crate::telemetry::Telemetry;
 
 #[derive(Clone)]
 struct AdminState {
     telemetry: Arc<Telemetry>,
-    draining: CancellationToken,
+    sockets: WebSockets,
 }
 
-/// The admin router. `draining` turns `/readyz` to 503 once cancelled.
-pub fn router(telemetry: Arc<Telemetry>, draining: CancellationToken) -> Router {
+/// The admin router: `/metrics` from `telemetry`; `/readyz` turns 503 once `sockets` is
+/// shutting down.
+pub fn router(telemetry: Arc<Telemetry>, sockets: &WebSockets) -> Router {
     let events = telemetry.events().clone();
     let router = Router::new()
         .route("/metrics", get(metrics))
@@ -29,7 +30,7 @@ pub fn router(telemetry: Arc<Telemetry>, draining: CancellationToken) -> Router 
         .route("/readyz", get(ready))
         .with_state(AdminState {
             telemetry,
-            draining,
+            sockets: sockets.clone(),
         });
     #[cfg(feature = "pprof")]
     let router = router.merge(crate::profiling::router());
@@ -58,7 +59,7 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {
-    if s.draining.is_cancelled() {
+    if s.sockets.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         "ready\n".into_response()

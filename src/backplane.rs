@@ -35,7 +35,8 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tungstenite::Message;
 
-use crate::telemetry::{DropReason, Events, Route, Spans};
+use crate::routes::ROOMS;
+use crate::telemetry::{DropReason, Events, Spans};
 
 /// Header carrying the publishing instance's wall clock (Unix nanoseconds).
 const SENT_AT: &str = "Wsotel-Sent-At";
@@ -151,7 +152,7 @@ impl Backplane {
         spans: Option<Arc<Spans>>,
     ) -> Result<Self, String> {
         let connected = Arc::new(AtomicBool::new(false));
-        events.backplane_configured(connected.clone());
+        events.backplane_configured(connected.clone(), ROOMS);
         let flag = connected.clone();
         let ev = events.clone();
         let client = ConnectOptions::new()
@@ -208,7 +209,7 @@ impl Backplane {
     ) {
         let events = &self.inner.events;
         if !self.connected() {
-            events.dropped(Route::Rooms, DropReason::BackplaneUnavailable, 1);
+            events.dropped(ROOMS, DropReason::BackplaneUnavailable, 1);
             return;
         }
         let (payload, kind) = match msg {
@@ -241,9 +242,9 @@ impl Backplane {
                     async_nats::client::PublishErrorKind::InvalidSubject => "invalid_subject",
                     _ => "send",
                 });
-                events.dropped(Route::Rooms, DropReason::BackplaneUnavailable, 1);
+                events.dropped(ROOMS, DropReason::BackplaneUnavailable, 1);
             }
-            None => events.dropped(Route::Rooms, DropReason::BackplaneFull, 1),
+            None => events.dropped(ROOMS, DropReason::BackplaneFull, 1),
         }
     }
 

@@ -1,5 +1,6 @@
-//! `http.server.request.duration` for every HTTP request, the WebSocket upgrade included
-//! (its duration ends at the `101 Switching Protocols` response).
+//! `http.server.request.duration` for every HTTP request of the admin listener (the WebSocket
+//! routes' layer records theirs, the upgrade included: its duration ends at the
+//! `101 Switching Protocols` response).
 
 use std::time::Instant;
 
@@ -10,18 +11,6 @@ use axum::response::Response;
 
 use crate::telemetry::Events;
 
-/// Route templates the server knows; anything else is recorded without `http.route`, so a
-/// scanner probing random paths cannot add series.
-const KNOWN_ROUTES: [&str; 7] = [
-    "/ws/echo",
-    "/ws/rooms/{room}",
-    "/metrics",
-    "/healthz",
-    "/readyz",
-    "/debug/pprof/profile",
-    "/debug/pprof/flamegraph",
-];
-
 /// Middleware recording one request; install with
 /// `.layer(middleware::from_fn_with_state(events, http_metrics::record))`.
 pub async fn record(State(events): State<Events>, req: Request, next: Next) -> Response {
@@ -30,14 +19,14 @@ pub async fn record(State(events): State<Events>, req: Request, next: Next) -> R
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .and_then(|p| KNOWN_ROUTES.iter().copied().find(|r| *r == p.as_str()));
+        .map(|p| p.as_str().to_owned());
     let response = next.run(req).await;
     events.http_request(method, route, response.status().as_u16(), start.elapsed());
     response
 }
 
 /// The method as the semantic conventions want it: a known method, else `_OTHER`.
-fn method_name(m: &Method) -> &'static str {
+pub(crate) fn method_name(m: &Method) -> &'static str {
     match *m {
         Method::GET => "GET",
         Method::HEAD => "HEAD",

@@ -1,5 +1,75 @@
-//! wsotel: a WebSocket server whose every connection and message is measured with
-//! OpenTelemetry.
+//! wsotel: WebSocket connections measured with OpenTelemetry, as a server (`wsotel`) and as a
+//! library for your own axum 0.8 application.
+//!
+//! # Use it in your own server
+//!
+//! Build [`Telemetry`] (configured by the `OTEL_*` variables: OTLP export of metrics, traces
+//! and logs, and the Prometheus registry behind `/metrics`), build [`WebSockets`] from it, put
+//! [`WebSockets::layer`] on the router that holds your WebSocket routes, and take a
+//! [`WebSocketUpgrade`] in their handlers instead of axum's. Your handler gets a
+//! [`WebSocket`]: read with [`WebSocket::recv`], write with [`WebSocket::send`]; your message
+//! handling stays yours. Every connection then records what `wsotel`'s own routes record
+//! (docs/metrics.md has the catalog): `websocket.server.*` counters and histograms by
+//! `http.route` (the route template you registered, never the request's path), the
+//! heartbeat's round trips, close reasons and who closed, errors by `error.type`, the
+//! upgrade's `SERVER` span, a `websocket.connection` span per connection and sampled message
+//! spans, and log lines with their trace ids. Pings, pongs, the heartbeat, write deadlines,
+//! message size limits and the closing handshake (with the RFC 6455 close code for each
+//! failure) are handled for you, and `active_connections` stays exact on every path out of a
+//! handler, a panic included.
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use futures_util::{SinkExt, StreamExt};
+//! use wsotel::{Message, Telemetry, WebSocketUpgrade, WebSockets};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let telemetry = Telemetry::standalone()?; // or Telemetry::from_env()? for OTLP export
+//! let sockets = WebSockets::builder(&telemetry).route("/shout").build();
+//! let app = Router::new()
+//!     .route("/shout", get(|ws: WebSocketUpgrade| async move {
+//!         ws.on_upgrade(|mut socket| async move {
+//!             while let Some(msg) = socket.recv().await {
+//!                 let loud = msg.to_text().unwrap_or_default().to_uppercase();
+//!                 if socket.send(Message::text(loud)).await.is_err() {
+//!                     break;
+//!                 }
+//!             }
+//!         })
+//!     }))
+//!     .layer(sockets.layer());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! tokio::spawn(async move {
+//!     let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+//!     axum::serve(listener, app).await
+//! });
+//!
+//! let (mut client, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/shout")).await?;
+//! client.send(Message::text("hello")).await?;
+//! assert_eq!(client.next().await.unwrap()?, Message::text("HELLO"));
+//! client.close(None).await?;
+//! while client.next().await.is_some() {}
+//! while sockets.open_connections() > 0 {
+//!     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+//! }
+//!
+//! let metrics = telemetry.render_prometheus()?;
+//! let line = |name: &str| metrics.lines().find(|l| l.starts_with(name)).map(str::to_owned);
+//! assert!(line("websocket_server_accepted_connections_total{http_route=\"/shout\"")
+//!     .is_some_and(|l| l.ends_with(" 1")));
+//! assert!(metrics.lines().any(|l| l.starts_with("websocket_server_messages_total{")
+//!     && l.contains("network_io_direction=\"receive\"")
+//!     && l.contains("websocket_message_type=\"text\"")
+//!     && l.ends_with(" 1")));
+//! # Ok(()) }
+//! ```
+//!
+//! examples/chat.rs is a whole application (a chat room, `/metrics` on the same listener,
+//! graceful shutdown); the `wsotel` binary's own routes (`routes`) are built on this same
+//! API.
+//!
+//! # The server
 //!
 //! The binary is a thin wrapper: it parses [`Config`], builds [`Telemetry`], binds the two
 //! listeners and calls [`run`]. Tests and embedders call the very same `run`.
@@ -9,22 +79,27 @@ pub mod admin;
 pub mod auth;
 pub mod backplane;
 pub mod config;
-pub mod connection;
-pub mod handshake;
-pub mod http_metrics;
+mod connection;
+mod http_metrics;
+mod layer;
 pub mod limits;
 #[cfg(feature = "pprof")]
 pub mod profiling;
-pub mod rooms;
+mod rooms;
+pub mod routes;
 pub mod server;
 pub mod sources;
 pub mod telemetry;
-pub mod upgrade;
-pub mod wire;
+mod upgrade;
+mod wire;
 
 pub use config::Config;
+pub use connection::{Closer, ConnectionClosed, WebSocket, close_code};
+pub use layer::{WebSocketLayer, WebSocketService, WebSockets, WebSocketsBuilder};
 pub use server::{ServerError, run};
-pub use telemetry::Telemetry;
+pub use telemetry::{CloseReason, RejectReason, Route, Telemetry};
+pub use tungstenite::Message;
+pub use upgrade::WebSocketUpgrade;
 
 /// Registers SIGINT and SIGTERM handlers now, and returns a future that resolves when either
 /// arrives. Registering up front (not on first poll) means a signal that arrives while the

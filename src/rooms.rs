@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tungstenite::Message;
 
 use crate::backplane::{Backplane, LocalDelivery, RemoteInterest};
-use crate::telemetry::{DropReason, Events, Route};
+use crate::connection::Closer;
+use crate::routes::ROOMS;
+use crate::telemetry::{CloseReason, DropReason, Events};
 
 /// Longest room name accepted.
 pub const MAX_ROOM_NAME: usize = 64;
@@ -58,18 +59,14 @@ impl Room {
                 Ok(()) => delivery.queued += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     delivery.dropped += 1;
-                    m.kick.cancel();
+                    m.kick.close(CloseReason::SlowConsumer);
                 }
                 // The member is leaving; it is about to disappear from the list.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
         drop(members);
-        events.dropped(
-            Route::Rooms,
-            DropReason::SlowConsumer,
-            delivery.dropped as u64,
-        );
+        events.dropped(ROOMS, DropReason::SlowConsumer, delivery.dropped as u64);
         delivery
     }
 }
@@ -93,7 +90,7 @@ struct Member {
     id: u64,
     tx: mpsc::Sender<Message>,
     /// Cancelled to make the member's connection task leave as a slow consumer.
-    kick: CancellationToken,
+    kick: Closer,
 }
 
 /// How long an upgrade into a room waits for the room's backplane subscription to be in place.
@@ -108,19 +105,9 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    /// The room's name.
-    pub fn room_name(&self) -> &str {
-        &self.name
-    }
-
-    /// Adds connection `id` to the held room. Messages for the member go to `tx`; `kick` is
-    /// cancelled if it becomes a slow consumer.
-    pub fn join(
-        mut self,
-        id: u64,
-        tx: mpsc::Sender<Message>,
-        kick: CancellationToken,
-    ) -> Membership {
+    /// Adds connection `id` to the held room. Messages for the member go to `tx`; `kick`
+    /// closes it as a slow consumer when its queue is full.
+    pub fn join(mut self, id: u64, tx: mpsc::Sender<Message>, kick: Closer) -> Membership {
         let _map = self.rooms.inner.lock().expect("rooms lock poisoned");
         self.room
             .members
@@ -230,16 +217,6 @@ impl Rooms {
             })
             .clone()
     }
-
-    /// How many rooms exist.
-    pub fn len(&self) -> usize {
-        self.inner.lock().expect("rooms lock poisoned").len()
-    }
-
-    /// Whether no room exists.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl Membership {
@@ -254,11 +231,6 @@ impl Membership {
     pub fn backplane(&self) -> Option<(&Backplane, &async_nats::Subject)> {
         let remote = self.room.remote.get()?;
         Some((self.rooms.backplane.as_ref()?, remote.subject()))
-    }
-
-    /// The room's name.
-    pub fn room_name(&self) -> &str {
-        &self.name
     }
 }
 

@@ -32,9 +32,11 @@ use crate::admin;
 use crate::auth::Authenticator;
 use crate::backplane::Backplane;
 use crate::config::Config;
-use crate::handshake::{self, WsState};
+use crate::layer::WebSockets;
+use crate::rooms::Rooms;
+use crate::routes::{self, ServerState, Terms};
 use crate::sources::{FD_RESERVE, SourceLimits, Sources};
-use crate::telemetry::log_limit::{LogEvent, REPORT_EVERY};
+use crate::telemetry::log_limit::REPORT_EVERY;
 use crate::telemetry::{Events, RejectReason, Telemetry};
 
 /// Largest request head accepted (431 beyond).
@@ -65,7 +67,6 @@ pub async fn run(
     telemetry: Arc<Telemetry>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let draining = CancellationToken::new();
     let stop_listeners = CancellationToken::new();
     let drain_timeout = config.drain_timeout;
     let handshake_timeout = config.handshake_timeout;
@@ -117,16 +118,30 @@ pub async fn run(
         }
     };
 
-    let state = WsState::new(
-        config,
-        events.clone(),
-        telemetry.spans().cloned(),
-        draining.clone(),
+    let sockets = WebSockets::builder(&telemetry)
+        .max_message_size(config.max_message_size)
+        .max_connections(config.max_connections)
+        .ping_interval(config.ping_interval)
+        .pong_timeout(config.pong_timeout)
+        .write_timeout(config.write_timeout)
+        .allowed_origins(config.allowed_origins.iter().cloned())
+        .sources(sources.clone())
+        .route(routes::ECHO.as_str())
+        .route(routes::ROOMS.as_str())
+        .build();
+    let state = ServerState::new(
+        Rooms::new(events.clone(), backplane.clone()),
         auth,
         sources.clone(),
-        backplane.clone(),
+        telemetry.spans().cloned().map(Arc::new),
+        Terms {
+            queue: config.outbound_queue as usize,
+            publish_rate: config.publish_rate,
+            publish_burst: config.publish_burst,
+            rate_limit_penalty: config.rate_limit_penalty,
+        },
     );
-    let ws_router = handshake::router(state.clone());
+    let ws_router = routes::router(state, &sockets);
     let accept = tokio::spawn(accept_loop(
         ws_listener,
         ws_router,
@@ -136,7 +151,7 @@ pub async fn run(
         stop_listeners.clone(),
     ));
 
-    let admin_router = admin::router(telemetry.clone(), draining.clone());
+    let admin_router = admin::router(telemetry.clone(), &sockets);
     let admin = tokio::spawn(accept_loop(
         admin_listener,
         admin_router,
@@ -146,19 +161,19 @@ pub async fn run(
         stop_listeners.clone(),
     ));
 
-    let trimmer = tokio::spawn(give_back_memory(state.clone(), stop_listeners.clone()));
+    let trimmer = tokio::spawn(give_back_memory(sockets.clone(), stop_listeners.clone()));
     let reporter = tokio::spawn(report_suppressed_logs(events, stop_listeners.clone()));
     shutdown.await;
-    let open = state.open_connections();
+    let open = sockets.open_connections();
     tracing::info!(open_connections = open, "shutdown requested: draining");
-    draining.cancel();
+    sockets.shutdown();
     let started = Instant::now();
-    if tokio::time::timeout(drain_timeout, state.drained())
+    if tokio::time::timeout(drain_timeout, sockets.drained())
         .await
         .is_err()
     {
         tracing::warn!(
-            remaining = state.open_connections(),
+            remaining = sockets.open_connections(),
             drain_timeout_ms = drain_timeout.as_millis() as i64,
             "drain timeout: abandoning remaining connections"
         );
@@ -339,14 +354,7 @@ async fn accept_loop(
 
 /// Counts and logs (within the log budget) a socket refused before any request was answered.
 fn refused(events: &Events, reason: RejectReason, peer: SocketAddr) {
-    events.handshake_rejected(None, reason);
-    if events.log_allowed(LogEvent::HandshakeRejected) {
-        tracing::info!(
-            error.type = reason.as_str(),
-            client.address = %peer.ip(),
-            "connection refused before the upgrade"
-        );
-    }
+    events.handshake_rejected(None, reason, None, peer.ip());
 }
 
 /// How often the memory give-back checks the connection count.
@@ -358,8 +366,8 @@ const TRIM_AFTER_CLOSED: usize = 1000;
 /// would stay at its peak. When the open connections have dropped by a thousand or more since
 /// the last check, `malloc_trim` returns the free pages to the kernel (a few milliseconds, on a
 /// blocking thread).
-async fn give_back_memory(state: WsState, stop: CancellationToken) {
-    let mut high_water = state.open_connections();
+async fn give_back_memory(sockets: WebSockets, stop: CancellationToken) {
+    let mut high_water = sockets.open_connections();
     let mut tick = tokio::time::interval(TRIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -367,7 +375,7 @@ async fn give_back_memory(state: WsState, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let open = state.open_connections();
+        let open = sockets.open_connections();
         if open + TRIM_AFTER_CLOSED <= high_water {
             let _ = tokio::task::spawn_blocking(|| {
                 // SAFETY: malloc_trim only returns free memory to the kernel.

@@ -1,8 +1,9 @@
-//! The WebSocket opening handshake (RFC 6455 section 4.2) as an axum extractor.
+//! The WebSocket opening handshake (RFC 6455 section 4.2) as an axum extractor:
+//! [`WebSocketUpgrade`].
 //!
-//! axum's own `WebSocketUpgrade` gives the handler a socket it cannot see under. The server needs
+//! axum's own `WebSocketUpgrade` gives the handler a socket it cannot see under. wsotel needs
 //! the raw byte stream to finish the closing handshake after a read error (see [`crate::wire`]),
-//! so the upgrade is done here: [`UpgradeRequest`] validates the request, [`UpgradeRequest::accept`]
+//! so the upgrade is done here: `UpgradeRequest` validates the request, `UpgradeRequest::accept`
 //! answers 101 and, once hyper hands over the connection, builds the tungstenite stream over a
 //! [`Watched`] socket.
 
@@ -15,14 +16,26 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::telemetry::RejectReason;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::MatchedPath;
+use futures_util::FutureExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::connection::{Setup, WebSocket};
+use crate::layer::{UNKNOWN_PEER, WebSockets, origin_allowed, peer_of};
+use crate::telemetry::{Events, Identity, MoreIdentity, RejectReason, Route, RouteInstruments};
 use crate::wire::Watched;
 
 /// An upgraded connection: tungstenite over the watched TCP stream.
 pub type Socket = WebSocketStream<Watched<TokioIo<Upgraded>>>;
 
 /// A valid WebSocket upgrade request, not yet answered.
-pub struct UpgradeRequest {
+pub(crate) struct UpgradeRequest {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
     /// The subprotocol the 101 names: only `wsotel.bearer`, when the client carries its token
@@ -139,7 +152,7 @@ impl UpgradeRequest {
     /// Answers 101 Switching Protocols and, once hyper hands the connection over, runs
     /// `on_socket` with it on a task of its own. If the upgrade fails after the 101 (the client
     /// went away), `on_socket` never runs and is dropped.
-    pub fn accept<F, Fut>(self, config: WebSocketConfig, on_socket: F) -> Response
+    pub(crate) fn accept<F, Fut>(self, config: WebSocketConfig, on_socket: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -190,6 +203,282 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
         v.to_str()
             .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
+}
+
+/// The extractor of a WebSocket upgrade on a route behind [`WebSockets::layer`]: checks the
+/// request (shutdown, `Origin`, the RFC 6455 headers) and answers a refused one with its HTTP
+/// status, counted in `websocket.server.rejected_connections` by `error.type` and logged;
+/// [`WebSocketUpgrade::on_upgrade`] then admits the connection (connection limits) and runs the
+/// handler with a measured [`WebSocket`].
+///
+/// The connection's `http.route` is the route template the application registered (axum's
+/// `MatchedPath`), never the request's path. Serve the application with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so connections know their peer
+/// address (for logs, spans and per-address limits).
+///
+/// ```no_run
+/// use axum::response::Response;
+/// use wsotel::{Message, WebSocketUpgrade};
+///
+/// async fn ticker(ws: WebSocketUpgrade) -> Response {
+///     ws.operation("tick").on_upgrade(|mut socket| async move {
+///         let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+///         loop {
+///             tokio::select! {
+///                 msg = socket.recv() => if msg.is_none() { break },
+///                 _ = every.tick() => {
+///                     if socket.send(Message::text("tick")).await.is_err() {
+///                         break;
+///                     }
+///                 }
+///             }
+///         }
+///     })
+/// }
+/// ```
+#[must_use = "answer the upgrade with `on_upgrade` (or `reject`)"]
+pub struct WebSocketUpgrade {
+    sockets: WebSockets,
+    request: UpgradeRequest,
+    instruments: Arc<RouteInstruments>,
+    peer: SocketAddr,
+    client: IpAddr,
+    user: Option<String>,
+    room: Option<String>,
+    operation: Option<&'static str>,
+    expires_at: Option<std::time::Instant>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Some(sockets) = parts.extensions.get::<WebSockets>().cloned() else {
+            tracing::error!(
+                "WebSocketUpgrade on a route without WebSockets::layer(): add the layer to the \
+                 router that holds the route"
+            );
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "WebSockets layer missing",
+            )
+                .into_response());
+        };
+        let s = &sockets.shared;
+        let template = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map_or(Route::OTHER.as_str(), |p| p.as_str());
+        let instruments = s.events.instruments_of(template);
+        let route = instruments.route();
+        let peer = peer_of(&parts.extensions).unwrap_or(UNKNOWN_PEER);
+        let client = s.sources.client_address(peer.ip(), &parts.headers);
+        let refuse = |reason: RejectReason, status: StatusCode, headers: HeaderMap| {
+            refusal(&s.events, route, reason, status, headers, client)
+        };
+        if s.shutdown.is_cancelled() {
+            return Err(refuse(
+                RejectReason::ShuttingDown,
+                StatusCode::SERVICE_UNAVAILABLE,
+                HeaderMap::new(),
+            ));
+        }
+        if !origin_allowed(&parts.headers, &s.allowed_origins) {
+            return Err(refuse(
+                RejectReason::OriginDenied,
+                StatusCode::FORBIDDEN,
+                HeaderMap::new(),
+            ));
+        }
+        let request = match UpgradeRequest::from_request_parts(parts, state).await {
+            Ok(r) => r,
+            Err(err) => return Err(refuse(err.reason(), err.status(), err.headers())),
+        };
+        Ok(WebSocketUpgrade {
+            sockets,
+            request,
+            instruments,
+            peer,
+            client,
+            user: None,
+            room: None,
+            operation: None,
+            expires_at: None,
+        })
+    }
+}
+
+impl WebSocketUpgrade {
+    /// The route (`http.route`) the connection will be counted under.
+    pub fn route(&self) -> Route {
+        self.instruments.route()
+    }
+
+    /// The client's address: what a trusted proxy forwarded, else the TCP peer's.
+    pub fn client_addr(&self) -> IpAddr {
+        self.client
+    }
+
+    /// The authenticated user (`user.id` on the connection's span and log lines; never a
+    /// metric attribute).
+    pub fn user(mut self, id: impl Into<String>) -> Self {
+        self.user = Some(id.into());
+        self
+    }
+
+    /// The room, channel or topic the connection is for (`websocket.room` on its span and log
+    /// lines; never a metric attribute).
+    pub fn room(mut self, name: impl Into<String>) -> Self {
+        self.room = Some(name.into());
+        self
+    }
+
+    /// What the route does with a message (`websocket.operation` on message spans: `echo`,
+    /// `broadcast`...).
+    pub fn operation(mut self, name: &'static str) -> Self {
+        self.operation = Some(name);
+        self
+    }
+
+    /// When the client's credentials expire: the connection is closed then with 1008
+    /// (`token_expired`).
+    pub fn expires_at(mut self, at: std::time::Instant) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// Refuses the upgrade with `status`: counted in `rejected_connections` by `reason`,
+    /// logged (within the log budget) and recorded on the upgrade span as `error.type`.
+    pub fn reject(self, reason: RejectReason, status: StatusCode) -> Response {
+        refusal(
+            &self.sockets.shared.events,
+            self.instruments.route(),
+            reason,
+            status,
+            HeaderMap::new(),
+            self.client,
+        )
+    }
+
+    /// Admits the connection and answers `101 Switching Protocols`; once the client has it,
+    /// `handler` runs with the [`WebSocket`] on a task of its own. Refused with 429 when the
+    /// client address is over its connection limit or serving a rate-limit penalty, and 503
+    /// at the connection limit.
+    ///
+    /// A panic in `handler` ends only its connection: Close 1011 (best effort), reason
+    /// `internal_error`, counted in `errors{error.type=panic}` and logged; the
+    /// connection's slot is released.
+    pub fn on_upgrade<F, Fut>(self, handler: F) -> Response
+    where
+        F: FnOnce(WebSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let s = &self.sockets.shared;
+        let route = self.instruments.route();
+        let source = if self.peer == UNKNOWN_PEER {
+            None
+        } else {
+            match s.sources.open(self.client) {
+                Ok(slot) => Some(slot),
+                Err(refused) => {
+                    return self.reject(refused.reason(), StatusCode::TOO_MANY_REQUESTS);
+                }
+            }
+        };
+        let Ok(permit) = s.slots.clone().try_acquire_owned() else {
+            return self.reject(
+                RejectReason::ConnectionLimit,
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+        };
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        // Made here, inside the upgrade span, so the connection span is its child.
+        let span = s.spans.as_ref().map(|spans| {
+            Box::new(spans.connection(
+                &tracing::Span::current().context(),
+                id,
+                route,
+                self.room.as_deref(),
+            ))
+        });
+        let more = (self.client != self.peer.ip() || self.user.is_some() || self.room.is_some())
+            .then(|| {
+                Box::new(MoreIdentity {
+                    client: (self.client != self.peer.ip()).then_some(self.client),
+                    user: self.user,
+                    room: self.room,
+                })
+            });
+        let events = s.events.clone();
+        let pending = Box::new(Pending {
+            setup: Setup {
+                events: s.events.clone(),
+                instruments: self.instruments,
+                who: Identity {
+                    id,
+                    route,
+                    peer: self.peer,
+                    more,
+                },
+                span,
+                spans: s.spans.clone(),
+                operation: self.operation,
+                shutdown: s.shutdown.clone(),
+                ping_interval: s.ping_interval,
+                pong_timeout: s.pong_timeout,
+                write_timeout: s.write_timeout,
+                expires_at: self.expires_at.map(tokio::time::Instant::from_std),
+            },
+            permit,
+            source,
+        });
+        self.request.accept(s.socket_config, move |socket| {
+            let Pending {
+                setup,
+                permit,
+                source,
+            } = *pending;
+            let fut = handler(WebSocket::new(socket, setup));
+            AssertUnwindSafe(fut).catch_unwind().map(move |outcome| {
+                if let Err(panic) = outcome {
+                    events.panicked(
+                        route,
+                        id,
+                        crate::telemetry::logging::panic_message(&*panic),
+                        None,
+                    );
+                }
+                drop(permit);
+                drop(source);
+            })
+        })
+    }
+}
+
+/// What a connection needs once upgraded, in one allocation (freed when it starts): the
+/// upgrade task holds it while the client has not taken the 101 yet.
+struct Pending {
+    setup: Setup,
+    /// The connection's slot, released when its task ends.
+    permit: tokio::sync::OwnedSemaphorePermit,
+    /// Its place in its client address's count, released with it.
+    source: Option<crate::sources::OpenSlot>,
+}
+
+/// Counts and logs a refused upgrade and answers it; the reason also travels with the
+/// response, so the upgrade span records it as `error.type`.
+pub(crate) fn refusal(
+    events: &Events,
+    route: Route,
+    reason: RejectReason,
+    status: StatusCode,
+    headers: HeaderMap,
+    client: IpAddr,
+) -> Response {
+    events.handshake_rejected(Some(route), reason, Some(status.as_u16()), client);
+    let mut response = (status, headers, reason.as_str()).into_response();
+    response.extensions_mut().insert(reason);
+    response
 }
 
 #[cfg(test)]

@@ -88,7 +88,8 @@ impl FrameScan {
     }
 
     /// Whether the next byte starts a frame.
-    pub fn at_frame_boundary(&self) -> bool {
+    #[cfg(test)]
+    fn at_frame_boundary(&self) -> bool {
         self.head_len == 0 && self.remaining == 0
     }
 

@@ -140,7 +140,7 @@ async fn json_logs_are_one_object_per_line() {
     let v: serde_json::Value = serde_json::from_str(closed).unwrap();
     assert_eq!(v["level"], "INFO");
     assert_eq!(v["websocket.close.reason"], "normal");
-    assert_eq!(v["messages_in"], 0);
+    assert_eq!(v["websocket.messages.received"], 0);
     assert_eq!(v["http.route"], "/ws/echo");
     assert!(v["connection.id"].is_i64(), "{v}");
     server.sigterm();

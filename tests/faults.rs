@@ -10,7 +10,7 @@ use common::process::start_with_env;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-use wsotel::connection::PANIC_TRIGGER;
+use wsotel::routes::PANIC_TRIGGER;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_ends_only_its_connection_and_is_counted() {
@@ -146,7 +146,7 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
     // Each panic is logged where it happened, then by the connection it ended.
     let hooked: Vec<_> = lines
         .iter()
-        .filter(|l| l.contains("panicked") && l.contains("panic.location=src/connection.rs"))
+        .filter(|l| l.contains("panicked") && l.contains("panic.location=src/routes.rs"))
         .collect();
     assert_eq!(hooked.len(), 2, "{lines:#?}");
     assert!(hooked.iter().all(|l| l.contains("fault injected")));

@@ -324,7 +324,7 @@ async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
         Some("client")
     );
     assert_eq!(
-        attr(&closed.attributes, "messages_in").as_deref(),
+        attr(&closed.attributes, "websocket.messages.received").as_deref(),
         Some("7")
     );
     let bodies: Vec<String> = logs

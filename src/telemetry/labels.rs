@@ -3,29 +3,28 @@
 //! Every attribute value that can reach a metric is one of these enums' `&'static str`s, so no
 //! client input (a room name, a close code, a user agent) can ever create a new series.
 
-/// The WebSocket route a connection came in on (`http.route`).
+/// The route a connection came in on (`http.route`): the route template the application
+/// registered (axum's `MatchedPath`, such as `/ws/rooms/{room}`), never the request's path.
+/// Templates come from the application's route table, so the set is bounded; the registry in
+/// [`Events`](super::Events) also caps it at [`Route::MAX`] (later ones count as
+/// [`Route::OTHER`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
-    /// `GET /ws/echo`
-    Echo,
-    /// `GET /ws/rooms/{room}`
-    Rooms,
-}
+pub struct Route(&'static str);
 
 impl Route {
-    /// All routes, in the order their instruments are stored.
-    pub const ALL: [Route; 2] = [Route::Echo, Route::Rooms];
+    /// Most distinct routes recorded; beyond them, [`Route::OTHER`].
+    pub const MAX: usize = 64;
+    /// A request without a matched route, or a route past [`Route::MAX`].
+    pub const OTHER: Route = Route("_OTHER");
+
+    /// A route whose template is known at compile time.
+    pub const fn from_static(template: &'static str) -> Self {
+        Route(template)
+    }
 
     /// The route template, as `http.route` wants it.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Echo => "/ws/echo",
-            Route::Rooms => "/ws/rooms/{room}",
-        }
-    }
-
-    pub(crate) fn index(self) -> usize {
-        self as usize
+        self.0
     }
 }
 

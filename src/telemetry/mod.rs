@@ -5,6 +5,7 @@
 //! says *what happened* and never touches a counter. Nothing here is global: tests can run many
 //! servers in one process, each with its own registry.
 
+pub mod events;
 pub mod instruments;
 pub mod labels;
 pub mod log_limit;
@@ -24,7 +25,8 @@ use opentelemetry_sdk::resource::{
     EnvResourceDetector, ResourceDetector, TelemetryResourceDetector,
 };
 
-pub use instruments::{ConnectionGuard, Events, RouteInstruments};
+pub use events::{Closed, ConnectionGuard, Events, Identity, MoreIdentity, Totals};
+pub use instruments::RouteInstruments;
 pub use labels::{
     CloseInitiator, CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route,
 };
@@ -70,6 +72,14 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Telemetry configured from the `OTEL_*` environment variables (see [`OtlpSettings`]):
+    /// OTLP export of the signals that have an endpoint, `/metrics` always. Must run inside
+    /// the Tokio runtime when a gRPC exporter is configured.
+    pub fn from_env() -> Result<Self, TelemetryError> {
+        let settings = OtlpSettings::from_env().map_err(TelemetryError::Config)?;
+        Self::new(&settings)
+    }
+
     /// Telemetry with OTLP off: `/metrics` only. For tests and embedders.
     pub fn standalone() -> Result<Self, TelemetryError> {
         Self::new(&OtlpSettings::off())

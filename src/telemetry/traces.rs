@@ -49,15 +49,14 @@ pub struct Spans {
 }
 
 /// What was done with a message, for its span.
-#[derive(Debug, Clone, Copy)]
-pub enum Handling {
-    /// Sent back to its sender.
-    Echo,
-    /// Queued for this many other room members.
-    Broadcast {
-        /// Members it was queued for.
-        recipients: usize,
-    },
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Handling {
+    /// `websocket.operation`: what the route does with a message (`echo`, `broadcast`...),
+    /// named by the application per route.
+    pub operation: Option<&'static str>,
+    /// `websocket.recipients`: how many it was delivered or queued to, when the application
+    /// said.
+    pub recipients: Option<usize>,
 }
 
 impl Spans {
@@ -133,12 +132,11 @@ impl Spans {
             KeyValue::new("websocket.message.type", kind.as_str()),
             KeyValue::new("websocket.message.size", size as i64),
         ];
-        match handling {
-            Handling::Echo => attributes.push(KeyValue::new("websocket.operation", "echo")),
-            Handling::Broadcast { recipients } => {
-                attributes.push(KeyValue::new("websocket.operation", "broadcast"));
-                attributes.push(KeyValue::new("websocket.recipients", recipients as i64));
-            }
+        if let Some(operation) = handling.operation {
+            attributes.push(KeyValue::new("websocket.operation", operation));
+        }
+        if let Some(recipients) = handling.recipients {
+            attributes.push(KeyValue::new("websocket.recipients", recipients as i64));
         }
         let links = if connection.is_valid() {
             vec![Link::with_context(connection.clone())]
@@ -286,6 +284,14 @@ impl Extractor for HeaderExtractor<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
     }
+}
+
+/// Runs `log` with `span`'s context current, so what it logs carries the span's trace and span
+/// ids (in OTel log records and JSON lines). The span is not made current for the whole
+/// connection: that would cost a thread-local push and pop per wake-up, per message.
+pub(crate) fn in_span<R>(span: Option<&SpanContext>, log: impl FnOnce() -> R) -> R {
+    let _current = span.map(|s| Context::new().with_remote_span_context(s.clone()).attach());
+    log()
 }
 
 #[cfg(test)]
