@@ -17,8 +17,18 @@ With `--token-secret-file` (the server's `--auth-hs256-secret-file`), every clie
 token it mints itself: HS256, `sub` "wsload-<n>", every room, valid for an hour. Dev only: a
 real deployment's tokens come from its identity provider.
 
-Used by compose.yaml (the `loadgen` service) and imported by tests/stack/e2e.py. The project's
-own benchmark client (wsotel-bench) will replace it as the compose load generator once it exists.
+Used by compose.yaml (the `loadgen` service) and imported by tests/stack/e2e.py.
+
+Why a second WebSocket client next to the Rust `wsotel-bench` (kept on purpose, issue 14):
+- it runs where no Rust build exists: compose starts it from the stock python image with this
+  directory mounted, while the image the Dockerfile builds holds the server only;
+- it misbehaves on purpose, which wsotel-bench (a measuring client: every reply checked, any
+  error fails the run) does not: TCP resets, a client that never answers pings, oversized
+  messages, invalid UTF-8, a room member that stops reading, a rejected handshake, a client
+  without a token. Those are what fire the alerts and fill the error panels, in the demo and
+  in tests/stack/e2e.py;
+- it mints the HS256 tokens the stack's servers require (wsotel-bench has no token option).
+Measuring (throughput, latency, CPU, memory) is wsotel-bench's job, not this file's.
 
     python3 loadgen/wsload.py --target ws://127.0.0.1:8080 [--target ...] [--echo 8] [--rooms 3]
 """

@@ -25,13 +25,10 @@ Usage: alertmanager.py   (prints "ok"/"FAIL" lines; exit status 1 on any failure
 
 import copy
 import glob
-import importlib.util
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +39,10 @@ import urllib.request
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from wsotel_scripts import Procs, free_port  # noqa: E402  (scripts/wsotel_scripts.py)
+sys.path.insert(0, os.path.join(ROOT, "alertmanager"))
+import webhook_sink  # noqa: E402  (alertmanager/webhook_sink.py)
 CONFIG = os.path.join(ROOT, "alertmanager", "alertmanager.yml")
 PROM_CONFIG = os.path.join(ROOT, "prometheus", "prometheus.yml")
 RULES = os.path.join(ROOT, "prometheus", "rules")
@@ -69,24 +70,10 @@ def expected_receiver(labels):
     return RECEIVER_FOR.get(labels.get("severity"), "ticket")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def load_sink_module():
-    spec = importlib.util.spec_from_file_location("webhook_sink", os.path.join(ROOT, "alertmanager", "webhook_sink.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def start_sink():
     """A webhook sink on a free loopback port, served from a thread: (sink, base URL, server)."""
-    mod = load_sink_module()
-    sink = mod.Sink(echo=False)
-    server = mod.make_server("127.0.0.1", 0, sink)
+    sink = webhook_sink.Sink(echo=False)
+    server = webhook_sink.make_server("127.0.0.1", 0, sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return sink, f"http://127.0.0.1:{server.server_address[1]}", server
 
@@ -170,27 +157,6 @@ class AmApi:
             if a["labels"] == labels:
                 return a
         return None
-
-
-class Procs:
-    def __init__(self):
-        self.procs = []
-
-    def start(self, name, argv, log, env=None):
-        p = subprocess.Popen(argv, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append((name, p))
-        return p
-
-    def stop_all(self):
-        for name, p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            print(f"# stopped {name} (pid {p.pid}, exit {p.returncode})", flush=True)
 
 
 # -- matchers ----------------------------------------------------------------------------------

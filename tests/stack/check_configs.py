@@ -383,6 +383,8 @@ def check_grafana(services, cat):
     check(home.startswith(path + "/") and os.path.exists(os.path.join(ROOT, "grafana/dashboards", os.path.basename(home))),
           "grafana: home dashboard file exists")
 
+    # Loaded by path: grafana/build-dashboard.py is a command (its name, with a hyphen, is in the
+    # docs), not an importable module name.
     spec = importlib.util.spec_from_file_location("build_dashboard", os.path.join(ROOT, "grafana/build-dashboard.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

@@ -56,7 +56,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -74,6 +73,8 @@ import wsload  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import alertmanager as am_helpers  # noqa: E402  (tests/stack/alertmanager.py)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from wsotel_scripts import Procs, free_port  # noqa: E402  (scripts/wsotel_scripts.py)
 
 REGION = "e2e-region-1"
 REGION2 = "e2e-region-2"   # the second server's: saturation, crash loop, telemetry loss
@@ -128,12 +129,6 @@ def check(ok, what, detail=""):
     return ok
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_get(url, timeout=10):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.status, r.read().decode()
@@ -153,30 +148,6 @@ class Prom:
 
 
 # -- processes --------------------------------------------------------------------------------
-
-class Procs:
-    """Every process this test starts, stopped by PID at the end, whatever happens."""
-
-    def __init__(self):
-        self.procs = []
-
-    def start(self, name, argv, log, env=None):
-        f = open(log, "wb")
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.procs.append((name, p))
-        return p
-
-    def stop_all(self):
-        for name, p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-            print(f"# stopped {name} (pid {p.pid}, exit {p.returncode})", flush=True)
-
 
 def wait_for_line(path, pattern, proc, timeout=20):
     deadline = time.time() + timeout
