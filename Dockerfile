@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 #
 # wsotel container image: a multi-stage build.
-#   builder  Rust toolchain; `cargo build --release --locked` (the release profile keeps line
-#            tables for readable panics and profiles: Cargo.toml [profile.release])
+#   builder  Rust toolchain; `cargo build --release --locked -p wsotel`, the server only (the
+#            release profile keeps line tables for readable panics and profiles: Cargo.toml
+#            [profile.release])
 #   runtime  debian:bookworm-slim (same glibc as the builder), the binary only, non-root
 #   probe    a static busybox for the healthchecks of the stack's third-party images (the
 #            collector has no shell or HTTP client); see compose.yaml
@@ -18,12 +19,14 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE} AS builder
 WORKDIR /src
+# The whole workspace: cargo loads every member's manifest (bench/, otlp-receiver/) even to
+# build one package, and --locked holds them to Cargo.lock. Only wsotel is compiled.
 COPY . .
 # Cache mounts keep the registry and incremental artifacts between builds (BuildKit); the
 # binary is copied out of the cache mount within the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin wsotel \
+    cargo build --release --locked -p wsotel \
  && install -D -m 0755 target/release/wsotel /out/wsotel
 
 FROM debian:${DEBIAN_RELEASE}-slim AS probe

@@ -360,7 +360,7 @@ def release_bins():
     server = os.environ.get("WSOTEL_BIN")
     if server:
         return server, os.path.join(os.path.dirname(server), "wsotel-bench")
-    subprocess.run(["cargo", "build", "--release", "--bin", "wsotel", "--bin", "wsotel-bench"],
+    subprocess.run(["cargo", "build", "--release", "-p", "wsotel", "-p", "wsotel-bench"],
                    cwd=ROOT, check=True)
     rel = os.path.join(ROOT, "target", "release")
     return os.path.join(rel, "wsotel"), os.path.join(rel, "wsotel-bench")
