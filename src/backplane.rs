@@ -339,40 +339,20 @@ fn on_event(event: &async_nats::Event, connected: &AtomicBool, events: &Events) 
     match event {
         Event::Connected => {
             let again = !connected.swap(true, Ordering::Relaxed);
-            if again && events.backplane_was_connected() {
-                events.backplane_reconnected();
-                tracing::info!("backplane: reconnected to NATS; subscriptions restored");
-            } else {
-                tracing::info!("backplane: connected to NATS");
-            }
-            events.backplane_mark_connected();
+            events.backplane_connected(again && events.backplane_was_connected());
         }
         Event::Disconnected => {
-            if !connected.swap(false, Ordering::Relaxed) {
-                return;
+            if connected.swap(false, Ordering::Relaxed) {
+                events.backplane_disconnected();
             }
-            tracing::warn!(
-                "backplane: disconnected from NATS; room messages stay local (counted dropped, \
-                 backplane_unavailable) until it is back"
-            );
         }
-        Event::SlowConsumer(_) => {
-            events.backplane_error("slow_consumer");
-            tracing::warn!("backplane: NATS dropped messages for a slow subscription");
-        }
-        Event::ServerError(err) => {
-            events.backplane_error("server_error");
-            tracing::warn!(error = %err, "backplane: NATS server error");
-        }
+        Event::SlowConsumer(_) => events.backplane_failed("slow_consumer", None, true),
+        Event::ServerError(err) => events.backplane_failed("server_error", Some(err), true),
+        // Every failed reconnect attempt reports one: logged only while connected (once per
+        // transition), counted always.
         Event::ClientError(err) => {
-            events.backplane_error("client_error");
-            // Every failed reconnect attempt reports one: logged only while connected (once
-            // per transition), counted always.
-            if connected.load(Ordering::Relaxed) {
-                tracing::warn!(error = %err, "backplane: NATS client error");
-            } else {
-                tracing::debug!(error = %err, "backplane: NATS client error while disconnected");
-            }
+            let connected = connected.load(Ordering::Relaxed);
+            events.backplane_failed("client_error", Some(err), connected);
         }
         Event::LameDuckMode | Event::Draining | Event::Closed => {
             tracing::info!(event = %event, "backplane: NATS connection state");

@@ -177,20 +177,56 @@ impl Events {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The backplane connected.
-    pub fn backplane_mark_connected(&self) {
+    /// The backplane connected to NATS (`reconnected`: after a loss, when it counts in
+    /// `websocket.server.backplane.reconnects`). Logged once per transition.
+    pub fn backplane_connected(&self, reconnected: bool) {
+        if reconnected {
+            self.inner.instruments.backplane_reconnects.add(1, &[]);
+            tracing::info!("backplane: reconnected to NATS; subscriptions restored");
+        } else {
+            tracing::info!("backplane: connected to NATS");
+        }
         self.inner
             .saturation
             .backplane_seen
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// The backplane connection came back.
-    pub fn backplane_reconnected(&self) {
-        self.inner.instruments.backplane_reconnects.add(1, &[]);
+    /// The backplane lost NATS (the `backplane.connected` gauge reads the flag). Logged once
+    /// per transition.
+    pub fn backplane_disconnected(&self) {
+        tracing::warn!(
+            "backplane: disconnected from NATS; room messages stay local (counted dropped, \
+             backplane_unavailable) until it is back"
+        );
     }
 
-    /// A backplane failure (`error_type` from a fixed set in `backplane`).
+    /// A backplane failure, counted in `websocket.server.backplane.errors` by `error_type`
+    /// (from the fixed set in `backplane`), and logged when `log` (the caller keeps repeated
+    /// failures to one line per transition).
+    pub fn backplane_failed(
+        &self,
+        error_type: &'static str,
+        detail: Option<&dyn std::fmt::Display>,
+        log: bool,
+    ) {
+        self.backplane_error(error_type);
+        let message = match error_type {
+            "slow_consumer" => "backplane: NATS dropped messages for a slow subscription",
+            "server_error" => "backplane: NATS server error",
+            "client_error" => "backplane: NATS client error",
+            _ => "backplane: failure",
+        };
+        let detail = detail.map(tracing::field::display);
+        if log {
+            tracing::warn!(error.type = error_type, error = detail, "{message}");
+        } else {
+            tracing::debug!(error.type = error_type, error = detail, "{message}");
+        }
+    }
+
+    /// Counts a backplane failure (`error_type` from the fixed set in `backplane`) without
+    /// logging it (see [`Events::backplane_failed`]).
     pub fn backplane_error(&self, error_type: &'static str) {
         self.inner
             .instruments
