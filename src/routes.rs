@@ -189,11 +189,11 @@ async fn serve_echo(mut ws: WebSocket) {
     while let Some(msg) = ws.recv().await {
         #[cfg(feature = "fault-injection")]
         inject_fault(&msg);
-        let _ = if ws.should_feed() {
-            ws.feed(msg).await
-        } else {
-            ws.send(msg).await
-        };
+        // `send` is `feed` + `flush`: written as such, the two share the future's space.
+        let batched = ws.should_feed();
+        if ws.feed(msg).await.is_ok() && !batched {
+            let _ = ws.flush().await;
+        }
     }
 }
 
@@ -345,6 +345,28 @@ mod tests {
             (0..10).filter(|_| b.take(later)).count(),
             3,
             "capped at the burst"
+        );
+    }
+}
+
+#[cfg(test)]
+mod sizes {
+    /// Every idle connection pays for its handler's future, which holds its `WebSocket`:
+    /// this holds the line (measured in the test build; the release build's is smaller).
+    /// BENCHMARKS.md's idle memory per connection is the number that matters; this catches a
+    /// regression before a benchmark has to.
+    #[test]
+    fn the_connection_futures_stay_small() {
+        fn size<F: std::future::Future>(_f: impl Fn(super::WebSocket) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let socket = std::mem::size_of::<super::WebSocket>();
+        let echo = size(super::serve_echo);
+        eprintln!("WebSocket {socket} B, echo future {echo} B");
+        assert_eq!(socket, 8, "a WebSocket is a pointer: see its `conn`");
+        assert!(
+            echo <= 1024,
+            "the echo connection's future grew to {echo} bytes: box what is rare"
         );
     }
 }

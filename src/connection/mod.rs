@@ -133,6 +133,13 @@ enum Event {
 /// `recv` must be polled for the heartbeat, the server's shutdown and [`Closer`]s to take
 /// effect (as with any WebSocket, control frames are only processed while reading).
 pub struct WebSocket {
+    /// Boxed: the handler's future holds the socket, and an `async fn` taking it keeps the
+    /// argument's slot beside the local it is moved to; a pointer is what is paid twice.
+    conn: Box<Connection>,
+}
+
+/// The connection behind a [`WebSocket`].
+struct Connection {
     socket: Socket,
     /// Keeps the connection in `active_connections`; records its lifetime.
     guard: ConnectionGuard,
@@ -176,6 +183,126 @@ pub(crate) struct Setup {
 }
 
 impl WebSocket {
+    pub(crate) fn new(socket: Socket, setup: Setup) -> Self {
+        WebSocket {
+            conn: Box::new(Connection::new(socket, setup)),
+        }
+    }
+
+    /// The connection's id: unique in this process, on its span and log lines.
+    pub fn id(&self) -> u64 {
+        self.conn.id()
+    }
+
+    /// The route it came in on (`http.route`).
+    pub fn route(&self) -> Route {
+        self.conn.route()
+    }
+
+    /// The TCP peer.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.conn.peer_addr()
+    }
+
+    /// The client's address: what a trusted proxy forwarded, else the TCP peer's.
+    pub fn client_addr(&self) -> IpAddr {
+        self.conn.client_addr()
+    }
+
+    /// The connection's span context, when traces are exported.
+    pub fn span_context(&self) -> Option<&SpanContext> {
+        self.conn.span_context()
+    }
+
+    /// A handle that closes this connection from elsewhere.
+    pub fn closer(&mut self) -> Closer {
+        self.conn.closer()
+    }
+
+    /// Waits for the next data message (text or binary) and returns it; `None` once the
+    /// connection has ended and its closing handshake is over.
+    ///
+    /// While it waits it answers pings, sends the heartbeat's, writes what was
+    /// [`fed`](WebSocket::feed) (before waiting, never while input is ready), and ends the
+    /// connection on the client's Close, a protocol error (with the Close code RFC 6455 asks
+    /// for), a missed pong, the token's expiry, the server's shutdown (1001) or a [`Closer`].
+    /// Calling it also ends the handling of the message it returned before (its
+    /// `websocket.server.message.duration` and message span).
+    ///
+    /// Cancel safe: dropped before it completes (in a `select!`), it loses no message, and the
+    /// next call picks up where it was (a closing handshake included).
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.conn.recv().await
+    }
+
+    /// A data message the client already sent, if one is waiting: never waits. `None` when
+    /// none is ready, or the connection has ended (then [`WebSocket::recv`] finishes it).
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.conn.try_recv()
+    }
+
+    /// Sends a data message and writes it out. It counts as sent once handed to the socket
+    /// (a Close sent later goes out after it). When the connection is closed while the
+    /// socket has no room for it (a client that does not read), it is counted as dropped.
+    ///
+    /// A write that makes no progress for `write_timeout` (or until the heartbeat would have
+    /// given up) ends the connection: a client that stops reading cannot hold the server's
+    /// memory.
+    pub async fn send(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
+        self.conn.send(msg).await
+    }
+
+    /// Like [`send`](WebSocket::send), but leaves the frame in the socket's write buffer for a
+    /// later [`flush`](WebSocket::flush) (or the next [`recv`](WebSocket::recv) that would
+    /// wait): many messages, one write. The buffer is written anyway once it passes its size.
+    pub async fn feed(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
+        self.conn.feed(msg).await
+    }
+
+    /// Writes out whatever was fed.
+    pub async fn flush(&mut self) -> Result<(), ConnectionClosed> {
+        self.conn.flush().await
+    }
+
+    /// Adaptive batching for handlers that answer each message: whether to
+    /// [`feed`](WebSocket::feed) this reply (true while the client pipelines: recent reads
+    /// found its next message already waiting, and one reply in 32 to find out) or
+    /// [`send`](WebSocket::send) it at once. Fed replies are written by the next `recv` before
+    /// it waits, so a handler that goes straight back to `recv` never leaves one behind.
+    pub fn should_feed(&mut self) -> bool {
+        self.conn.should_feed()
+    }
+
+    /// Closes the connection for `reason`: counts it (a slow consumer, rate limit or publish
+    /// refusal is also an `errors` entry with its log line), sends the Close frame for it
+    /// (1000 for `Normal`, 1008 for policy reasons, ...) and waits for the client's reply, at
+    /// most two seconds. Then [`recv`](WebSocket::recv) returns `None` and writes fail.
+    pub async fn close(&mut self, reason: CloseReason) {
+        self.conn.close(reason).await
+    }
+
+    /// How many the message being handled (the last one [`recv`](WebSocket::recv) returned)
+    /// was delivered or queued to: `websocket.recipients` on its span.
+    pub fn delivered_to(&mut self, recipients: usize) {
+        self.conn.delivered_to(recipients)
+    }
+
+    /// For handing the message being handled on to another system with its trace: when it is
+    /// sampled, records its span now (what was handled so far) and returns its context, to
+    /// parent a `PRODUCER` span on. `None` when it is not sampled.
+    pub fn message_span(&mut self) -> Option<SpanContext> {
+        self.conn.message_span()
+    }
+
+    /// `count` messages meant for this connection will never be sent (counted in
+    /// `websocket.server.dropped_messages{reason=connection_closed}`): what was still queued
+    /// for it when it closed.
+    pub fn dropped(&self, count: u64) {
+        self.conn.dropped(count)
+    }
+}
+
+impl Connection {
     /// Counts the connection open (`accepted_connections`, `active_connections`) and logs it.
     pub(crate) fn new(socket: Socket, setup: Setup) -> Self {
         let Setup {
@@ -195,7 +322,7 @@ impl WebSocket {
         events.connection_logged_open(&who, span.as_deref().map(|s| s.span_context()));
         let heartbeat = Heartbeat::new(ping_interval, pong_timeout, expires_at);
         let timer = Box::pin(tokio::time::sleep_until(heartbeat.deadline()));
-        WebSocket {
+        Connection {
             socket,
             guard,
             who,
@@ -216,33 +343,27 @@ impl WebSocket {
         }
     }
 
-    /// The connection's id: unique in this process, on its span and log lines.
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.who.id
     }
 
-    /// The route it came in on (`http.route`).
-    pub fn route(&self) -> Route {
+    pub(crate) fn route(&self) -> Route {
         self.who.route
     }
 
-    /// The TCP peer.
-    pub fn peer_addr(&self) -> SocketAddr {
+    pub(crate) fn peer_addr(&self) -> SocketAddr {
         self.who.peer
     }
 
-    /// The client's address: what a trusted proxy forwarded, else the TCP peer's.
-    pub fn client_addr(&self) -> IpAddr {
+    pub(crate) fn client_addr(&self) -> IpAddr {
         self.who.client()
     }
 
-    /// The connection's span context, when traces are exported.
-    pub fn span_context(&self) -> Option<&SpanContext> {
+    pub(crate) fn span_context(&self) -> Option<&SpanContext> {
         self.span.as_deref().map(|s| s.span_context())
     }
 
-    /// A handle that closes this connection from elsewhere.
-    pub fn closer(&mut self) -> Closer {
+    pub(crate) fn closer(&mut self) -> Closer {
         let shutdown = &self.shutdown;
         (**self.closer.get_or_insert_with(|| {
             Box::new(Closer {
@@ -253,19 +374,7 @@ impl WebSocket {
         .clone()
     }
 
-    /// Waits for the next data message (text or binary) and returns it; `None` once the
-    /// connection has ended and its closing handshake is over.
-    ///
-    /// While it waits it answers pings, sends the heartbeat's, writes what was
-    /// [`fed`](WebSocket::feed) (before waiting, never while input is ready), and ends the
-    /// connection on the client's Close, a protocol error (with the Close code RFC 6455 asks
-    /// for), a missed pong, the token's expiry, the server's shutdown (1001) or a [`Closer`].
-    /// Calling it also ends the handling of the message it returned before (its
-    /// `websocket.server.message.duration` and message span).
-    ///
-    /// Cancel safe: dropped before it completes (in a `select!`), it loses no message, and the
-    /// next call picks up where it was (a closing handshake included).
-    pub async fn recv(&mut self) -> Option<Message> {
+    pub(crate) async fn recv(&mut self) -> Option<Message> {
         self.end_handling();
         loop {
             match self.phase {
@@ -299,15 +408,14 @@ impl WebSocket {
                     };
                     self.close_for(reason);
                 }
-                Event::Heartbeat => self.beat().await,
+                // Boxed: rare, and the future of every connection is as large as its largest await.
+                Event::Heartbeat => Box::pin(self.beat()).await,
                 Event::Ended(ending) => self.end(ending),
             }
         }
     }
 
-    /// A data message the client already sent, if one is waiting: never waits. `None` when
-    /// none is ready, or the connection has ended (then [`WebSocket::recv`] finishes it).
-    pub fn try_recv(&mut self) -> Option<Message> {
+    pub(crate) fn try_recv(&mut self) -> Option<Message> {
         if self.phase != Phase::Open {
             return None;
         }
@@ -336,22 +444,12 @@ impl WebSocket {
         }
     }
 
-    /// Sends a data message and writes it out. It counts as sent once handed to the socket
-    /// (a Close sent later goes out after it). When the connection is closed while the
-    /// socket has no room for it (a client that does not read), it is counted as dropped.
-    ///
-    /// A write that makes no progress for `write_timeout` (or until the heartbeat would have
-    /// given up) ends the connection: a client that stops reading cannot hold the server's
-    /// memory.
-    pub async fn send(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
+    pub(crate) async fn send(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
         self.feed(msg).await?;
         self.flush().await
     }
 
-    /// Like [`send`](WebSocket::send), but leaves the frame in the socket's write buffer for a
-    /// later [`flush`](WebSocket::flush) (or the next [`recv`](WebSocket::recv) that would
-    /// wait): many messages, one write. The buffer is written anyway once it passes its size.
-    pub async fn feed(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
+    pub(crate) async fn feed(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
         if self.phase != Phase::Open {
             self.guard
                 .events()
@@ -395,8 +493,7 @@ impl WebSocket {
         }
     }
 
-    /// Writes out whatever was fed.
-    pub async fn flush(&mut self) -> Result<(), ConnectionClosed> {
+    pub(crate) async fn flush(&mut self) -> Result<(), ConnectionClosed> {
         if self.phase != Phase::Open {
             return Err(ConnectionClosed);
         }
@@ -420,20 +517,11 @@ impl WebSocket {
         }
     }
 
-    /// Adaptive batching for handlers that answer each message: whether to
-    /// [`feed`](WebSocket::feed) this reply (true while the client pipelines: recent reads
-    /// found its next message already waiting, and one reply in 32 to find out) or
-    /// [`send`](WebSocket::send) it at once. Fed replies are written by the next `recv` before
-    /// it waits, so a handler that goes straight back to `recv` never leaves one behind.
-    pub fn should_feed(&mut self) -> bool {
+    pub(crate) fn should_feed(&mut self) -> bool {
         self.batching.feeding()
     }
 
-    /// Closes the connection for `reason`: counts it (a slow consumer, rate limit or publish
-    /// refusal is also an `errors` entry with its log line), sends the Close frame for it
-    /// (1000 for `Normal`, 1008 for policy reasons, ...) and waits for the client's reply, at
-    /// most two seconds. Then [`recv`](WebSocket::recv) returns `None` and writes fail.
-    pub async fn close(&mut self, reason: CloseReason) {
+    pub(crate) async fn close(&mut self, reason: CloseReason) {
         self.end_handling();
         if self.phase == Phase::Open {
             self.close_for(reason);
@@ -441,28 +529,20 @@ impl WebSocket {
         Box::pin(self.finish_closing()).await;
     }
 
-    /// How many the message being handled (the last one [`recv`](WebSocket::recv) returned)
-    /// was delivered or queued to: `websocket.recipients` on its span.
-    pub fn delivered_to(&mut self, recipients: usize) {
+    pub(crate) fn delivered_to(&mut self, recipients: usize) {
         if let Some(h) = self.handled.as_mut() {
             h.recipients = Some(recipients);
         }
     }
 
-    /// For handing the message being handled on to another system with its trace: when it is
-    /// sampled, records its span now (what was handled so far) and returns its context, to
-    /// parent a `PRODUCER` span on. `None` when it is not sampled.
-    pub fn message_span(&mut self) -> Option<SpanContext> {
+    pub(crate) fn message_span(&mut self) -> Option<SpanContext> {
         let h = self.handled.as_mut().filter(|h| h.traced)?;
         h.traced = false;
         let h = *h;
         self.record_message_span(&h)
     }
 
-    /// `count` messages meant for this connection will never be sent (counted in
-    /// `websocket.server.dropped_messages{reason=connection_closed}`): what was still queued
-    /// for it when it closed.
-    pub fn dropped(&self, count: u64) {
+    pub(crate) fn dropped(&self, count: u64) {
         self.guard
             .events()
             .dropped(self.who.route, DropReason::ConnectionClosed, count);
@@ -780,7 +860,7 @@ impl WebSocket {
     }
 }
 
-impl Drop for WebSocket {
+impl Drop for Connection {
     /// Records the connection's end. A socket dropped while open (the handler returned, or
     /// panicked) is closed here with 1000 (1011 for a panic), best effort: the Close frame is
     /// written if the socket takes it at once, and no reply is awaited.
