@@ -20,10 +20,6 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use wsotel::Config;
 
-const ROOMS_ROUTE: (&str, &str) = ("http_route", "/ws/rooms/{room}");
-const RX: (&str, &str) = ("network_io_direction", "receive");
-const TX: (&str, &str) = ("network_io_direction", "transmit");
-
 // ---- a real nats-server -------------------------------------------------------------------
 
 /// Where Debian's `nats-server` package installs the server.
@@ -35,27 +31,13 @@ fn nats_server_binary() -> PathBuf {
     if debian.is_file() {
         return debian.to_owned();
     }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|dir| dir.join("nats-server"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "nats-server is not installed ({NATS_SERVER} missing, none on PATH): the \
+    common::process::on_path("nats-server").unwrap_or_else(|| {
+        panic!(
+            "nats-server is not installed ({NATS_SERVER} missing, none on PATH): the \
                  backplane tests need a real NATS server; install the Debian package \
                  `nats-server` (scripts/test does)"
-            )
-        })
-}
-
-/// A free loopback port for a server that is not ours to bind (nats-server binds it itself).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        )
+    })
 }
 
 /// A `nats-server` on loopback with its monitoring port, killed (by PID) when dropped.
@@ -593,15 +575,6 @@ fn expected_subscriptions(prefix: &str, members: &[Member]) -> Vec<String> {
         .iter()
         .map(|(_, room)| subject(prefix, url_room(room)))
         .collect()
-}
-
-/// Closes a client and reads to the end of the closing handshake.
-async fn bye(mut ws: Client) {
-    ws.close(None).await.unwrap();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
 }
 
 async fn leave_all(members: Vec<Member>) {
@@ -1437,44 +1410,6 @@ async fn an_instance_nats_finds_too_slow_is_cut_off_and_rejoins_alone() {
 
 // ---- the publish queue --------------------------------------------------------------------
 
-/// A room member upgraded by hand, to write pre-built frames at full speed.
-async fn raw_member(server: std::net::SocketAddr, room: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(server).await.unwrap();
-    let head = format!(
-        "GET /ws/rooms/{room} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    s
-}
-
-/// A client's text frame (masked, with a zero key: the payload reads as is).
-fn text_frame(text: &str) -> Vec<u8> {
-    let mut f = vec![0x81u8];
-    match text.len() {
-        n @ 0..126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(text.as_bytes());
-    f
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_the_publish_queue_has_room_for_crosses_whole() {
     // Defaults throughout (--backplane-queue 8192, --publish-burst 200) and NATS healthy: ten
@@ -1490,7 +1425,8 @@ async fn a_burst_the_publish_queue_has_room_for_crosses_whole() {
     let mut from = Vec::new();
     let mut to = Vec::new();
     for p in 0..senders {
-        from.push(raw_member(a.ws, &format!("burst-{p}")).await);
+        // Upgraded by hand, to write pre-built frames at full speed.
+        from.push(raw_ws(a.ws, &format!("/ws/rooms/burst-{p}")).await);
         to.push(connect(&b.url(&format!("/ws/rooms/burst-{p}"))).await);
     }
     let subs: Vec<String> = (0..senders)
@@ -1503,7 +1439,10 @@ async fn a_burst_the_publish_queue_has_room_for_crosses_whole() {
         t
     };
     join_all(from.iter_mut().enumerate().map(|(p, s)| async move {
-        let burst: Vec<u8> = (0..per).flat_map(|i| text_frame(&text(p, i))).collect();
+        // Masked with a zero key: the payload reads as is.
+        let burst: Vec<u8> = (0..per)
+            .flat_map(|i| client_frame(0x81, text(p, i).as_bytes(), Some([0; 4])))
+            .collect();
         s.write_all(&burst).await.unwrap();
     }))
     .await;
@@ -1648,8 +1587,7 @@ async fn a_full_publish_queue_drops_exactly_what_does_not_cross() {
 /// returns its exit code (None: it was still running) and stderr.
 fn run_bounded(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     use std::io::Read;
-    let mut child = common::process::wsotel()
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    let mut child = common::process::wsotel_on_loopback()
         .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
@@ -1763,35 +1701,19 @@ async fn run_refuses_a_malformed_nats_url_like_the_binary() {
         }
         Ok(other) => panic!("run ended with {other:?}"),
         Err(_) => {
-            let (_, body) = http_get(server.admin, "/metrics").await;
             panic!(
                 "run is serving with `not-a-url` as its NATS URL, as a single instance \
                  (websocket_server_backplane_connected present: {})",
-                Metrics::parse(&body).has("websocket_server_backplane_connected")
+                server
+                    .metrics()
+                    .await
+                    .has("websocket_server_backplane_connected")
             );
         }
     }
 }
 
 // ---- traces -------------------------------------------------------------------------------
-
-/// Polls a binary's `/metrics` (at most 10 s) until `pred` holds.
-async fn admin_metrics_when(
-    admin: std::net::SocketAddr,
-    what: &str,
-    pred: impl Fn(&Metrics) -> bool,
-) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = http_get(admin, "/metrics").await;
-        let m = Metrics::parse(&body);
-        if pred(&m) {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}\n{}", m.text);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Two binaries on `nats`, exporting traces over OTLP/gRPC to `otlp` with this sampler ratio,
 /// as `inst-a` and `inst-b`; returned once both are connected to NATS.
@@ -1820,7 +1742,7 @@ async fn traced_pair(
     };
     let pair = [start("inst-a"), start("inst-b")];
     for p in &pair {
-        admin_metrics_when(p.admin, "backplane connected", |m| {
+        scrape_when(p.admin, "backplane connected", |m| {
             m.sum("websocket_server_backplane_connected", &[]) == 1.0
         })
         .await;

@@ -2,22 +2,11 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::process::*;
 use common::*;
 use futures_util::StreamExt;
-use tokio_tungstenite::tungstenite::Message;
-
-fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 #[test]
 fn bad_values_stop_startup_with_one_line_and_exit_2() {
@@ -87,11 +76,9 @@ fn occupied_port_is_one_line_and_exit_2() {
 async fn sigterm_drains_with_1001_and_exits_0() {
     let server = start(&[]);
     let startup = server.startup.clone();
-    let mut echo = connect(&format!("ws://{}/ws/echo", server.ws)).await;
-    let mut member = connect(&format!("ws://{}/ws/rooms/shutdown", server.ws)).await;
-    use futures_util::SinkExt;
-    echo.send(Message::text("before")).await.unwrap();
-    assert_eq!(next_data(&mut echo).await, Message::text("before"));
+    let mut echo = connect(&server.url(ECHO)).await;
+    let mut member = connect(&server.url("/ws/rooms/shutdown")).await;
+    echoes(&mut echo, "before").await;
     let (status, _) = http_get(server.admin, "/readyz").await;
     assert_eq!(status, 200);
 
@@ -118,21 +105,13 @@ async fn sigterm_drains_with_1001_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line() {
     let server = start(&["--log-format", "json"]);
-    let mut ws = connect(&format!("ws://{}/ws/echo", server.ws)).await;
+    let mut ws = connect(&server.url(ECHO)).await;
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     // Wait for the closing line, then stop.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
-        if let Ok(line) = server.lines.recv_timeout(Duration::from_millis(100)) {
-            let done = line.contains("connection closed");
-            seen.push(line);
-            if done {
-                break;
-            }
-        }
-    }
+    let seen = lines_until(&server.lines, Duration::from_secs(10), |l| {
+        l.contains("connection closed")
+    });
     let closed = seen
         .iter()
         .find(|l| l.contains("connection closed"))

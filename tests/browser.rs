@@ -16,34 +16,19 @@ mod common;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::process::{self, Running};
-use common::{Client, Metrics, http_get};
+use common::labels::*;
+use common::process;
+use common::{Client, Scratch, idle_at, scrape_when};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
-const ECHO_ROUTE: (&str, &str) = ("http_route", "/ws/echo");
-const ROOMS_ROUTE: (&str, &str) = ("http_route", "/ws/rooms/{room}");
-const RX: (&str, &str) = ("network_io_direction", "receive");
-const TX: (&str, &str) = ("network_io_direction", "transmit");
-
-fn mtype(t: &'static str) -> (&'static str, &'static str) {
-    ("websocket_message_type", t)
-}
-
-fn reason(r: &'static str) -> (&'static str, &'static str) {
-    ("websocket_close_reason", r)
-}
-
-fn error_type(t: &'static str) -> (&'static str, &'static str) {
-    ("error_type", t)
-}
 
 /// What the page runs. The test calls these functions by name with JSON arguments
 /// (`Browser::call`); messages cross as `{"text": "..."}` or `{"binary": [bytes]}`.
@@ -135,7 +120,7 @@ async fn another_origin_is_refused_with_403() {
     let server = process::start(&[]);
 
     let seen = browser
-        .call("open", json!(["a", echo_url(&server), []]))
+        .call("open", json!(["a", server.url(ECHO), []]))
         .await;
     assert_eq!(
         seen,
@@ -148,7 +133,7 @@ async fn another_origin_is_refused_with_403() {
         "Error during WebSocket handshake: Unexpected response code: 403"
     );
 
-    let m = metrics_when(server.admin, "the refusal counted", |m| {
+    let m = scrape_when(server.admin, "the refusal counted", |m| {
         m.sum("websocket_server_rejected_connections_total", &[]) == 1.0
     })
     .await;
@@ -178,7 +163,7 @@ async fn allowed_origin_echoes_exactly_and_closes_cleanly() {
     let server = process::start(&["--allowed-origin", &browser.origin]);
 
     let seen = browser
-        .call("open", json!(["a", echo_url(&server), []]))
+        .call("open", json!(["a", server.url(ECHO), []]))
         .await;
     assert_eq!(seen["opened"], true, "{seen}");
     assert_eq!(browser.handshake().await, "101 Switching Protocols");
@@ -213,7 +198,7 @@ async fn allowed_origin_echoes_exactly_and_closes_cleanly() {
         json!({"code": 1000, "reason": "done", "wasClean": true, "errors": 0, "unread": []})
     );
 
-    let m = idle(server.admin).await;
+    let m = idle_at(server.admin).await;
     let msgs = |l: &[(&str, &str)]| m.sum("websocket_server_messages_total", l);
     let bytes: usize = sent.iter().map(payload_len).sum();
     assert_eq!(msgs(&[ECHO_ROUTE, RX, mtype("text")]), texts.len() as f64);
@@ -257,12 +242,12 @@ async fn allowed_origin_echoes_exactly_and_closes_cleanly() {
 async fn room_members_hear_each_other_not_themselves() {
     let mut browser = Browser::open().await;
     let server = process::start(&["--allowed-origin", &browser.origin]);
-    let url = format!("ws://{}/ws/rooms/browser-room", server.ws);
+    let url = server.url("/ws/rooms/browser-room");
     for name in ["a", "b"] {
         let seen = browser.call("open", json!([name, url, []])).await;
         assert_eq!(seen["opened"], true, "{name}: {seen}");
     }
-    metrics_when(server.admin, "two members", |m| {
+    scrape_when(server.admin, "two members", |m| {
         m.sum("websocket_server_active_connections", &[ROOMS_ROUTE]) == 2.0
     })
     .await;
@@ -297,7 +282,7 @@ async fn room_members_hear_each_other_not_themselves() {
         );
     }
 
-    let m = idle(server.admin).await;
+    let m = idle_at(server.admin).await;
     let msgs = |l: &[(&str, &str)]| m.sum("websocket_server_messages_total", l);
     let texts = 6.0 + 1.0;
     assert_eq!(msgs(&[ROOMS_ROUTE, RX, mtype("text")]), texts);
@@ -339,7 +324,7 @@ async fn oversized_message_closes_with_1009_every_time() {
     for i in 0..OVERSIZED_ATTEMPTS {
         let name = format!("big{i}");
         let seen = browser
-            .call("open", json!([name, echo_url(&server), []]))
+            .call("open", json!([name, server.url(ECHO), []]))
             .await;
         assert_eq!(seen["opened"], true, "{name}: {seen}");
         // One byte over `--max-message-size 1KiB`.
@@ -349,7 +334,7 @@ async fn oversized_message_closes_with_1009_every_time() {
         outcomes.push(browser.call("closed", json!([name])).await);
     }
 
-    let m = idle(server.admin).await;
+    let m = idle_at(server.admin).await;
     let too_big = OVERSIZED_ATTEMPTS as f64;
     assert_eq!(
         m.sum(
@@ -402,15 +387,12 @@ async fn oversized_message_closes_with_1009_every_time() {
 async fn sigterm_closes_the_page_with_1001_and_exits_0() {
     let mut browser = Browser::open().await;
     let server = process::start(&["--allowed-origin", &browser.origin]);
-    let urls = [
-        echo_url(&server),
-        format!("ws://{}/ws/rooms/shutdown", server.ws),
-    ];
+    let urls = [server.url(ECHO), server.url("/ws/rooms/shutdown")];
     for (name, url) in ["echo", "member"].into_iter().zip(urls) {
         let seen = browser.call("open", json!([name, url, []])).await;
         assert_eq!(seen["opened"], true, "{name}: {seen}");
     }
-    metrics_when(server.admin, "both connections served", |m| {
+    scrape_when(server.admin, "both connections served", |m| {
         m.sum("websocket_server_active_connections", &[]) == 2.0
     })
     .await;
@@ -436,7 +418,7 @@ async fn unsupported_subprotocol_is_refused_with_400() {
     let server = process::start(&["--allowed-origin", &browser.origin]);
 
     let seen = browser
-        .call("open", json!(["chat", echo_url(&server), ["chat.v1"]]))
+        .call("open", json!(["chat", server.url(ECHO), ["chat.v1"]]))
         .await;
     assert_eq!(
         seen,
@@ -446,7 +428,7 @@ async fn unsupported_subprotocol_is_refused_with_400() {
     );
     let handshake = browser.handshake().await;
 
-    let m = metrics_when(
+    let m = scrape_when(
         server.admin,
         "the upgrade accepted or refused, and done",
         |m| {
@@ -478,10 +460,6 @@ async fn unsupported_subprotocol_is_refused_with_400() {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn echo_url(server: &Running) -> String {
-    format!("ws://{}/ws/echo", server.ws)
-}
 
 /// `len` bytes that are not all alike.
 fn pattern(len: usize) -> Vec<u8> {
@@ -530,37 +508,6 @@ fn tally(outcomes: &[Value]) -> String {
     parts.join(", ")
 }
 
-async fn scrape(admin: SocketAddr) -> Metrics {
-    let (status, body) = http_get(admin, "/metrics").await;
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    Metrics::parse(&body)
-}
-
-/// Polls the binary's `/metrics` until `pred` holds (at most 10 s), and returns that scrape.
-async fn metrics_when(admin: SocketAddr, what: &str, pred: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(admin).await;
-        if pred(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for: {what}\n{}",
-            m.text
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until no connection is open.
-async fn idle(admin: SocketAddr) -> Metrics {
-    metrics_when(admin, "active connections back to 0", |m| {
-        m.sum("websocket_server_active_connections", &[]) == 0.0
-    })
-    .await
-}
-
 /// Serves the page on `127.0.0.1`, a port of its own: an origin that is not wsotel's.
 async fn serve_page() -> SocketAddr {
     use axum::response::Html;
@@ -583,7 +530,7 @@ async fn serve_page() -> SocketAddr {
 /// every process it started (its process group, by its PID) and removes its profile.
 struct Chromium {
     child: Child,
-    profile: PathBuf,
+    profile: Scratch,
 }
 
 impl Chromium {
@@ -595,14 +542,12 @@ impl Chromium {
              the Debian package `chromium` (apt-get install chromium)"
         );
         static N: AtomicUsize = AtomicUsize::new(0);
-        let profile = std::env::temp_dir().join(format!(
+        let profile = Scratch::at(std::env::temp_dir().join(format!(
             "wsotel-browser-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&profile);
-        std::fs::create_dir_all(&profile).unwrap();
-        let log = std::fs::File::create(profile.join("chromium.log")).unwrap();
+        )));
+        let log = std::fs::File::create(profile.path("chromium.log")).unwrap();
         let child = {
             use std::os::unix::process::CommandExt;
             Command::new(CHROMIUM)
@@ -620,7 +565,7 @@ impl Chromium {
                     "--proxy-server=127.0.0.1:9",
                     "--remote-debugging-port=0",
                 ])
-                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg(format!("--user-data-dir={}", profile.0.display()))
                 .arg("about:blank")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -631,7 +576,7 @@ impl Chromium {
         };
         let mut chromium = Chromium { child, profile };
         // Chromium writes its port and browser path there once it listens.
-        let port_file = chromium.profile.join("DevToolsActivePort");
+        let port_file = chromium.profile.path("DevToolsActivePort");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&port_file).unwrap_or_default();
@@ -651,7 +596,7 @@ impl Chromium {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.profile.join("chromium.log")).unwrap_or_default()
+        std::fs::read_to_string(self.profile.path("chromium.log")).unwrap_or_default()
     }
 }
 
@@ -660,7 +605,7 @@ impl Drop for Chromium {
         // SAFETY: kill with the process group we gave our own child (its PID).
         unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
+        // The profile goes with `profile`'s own drop, after this.
     }
 }
 

@@ -27,7 +27,7 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         ],
     );
-    let url = |path: &str| format!("ws://{}{path}", server.ws);
+    let url = |path: &str| server.url(path);
 
     let mut echo_victim = connect(&url("/ws/echo")).await;
     let mut echo_other = connect(&url("/ws/echo")).await;
@@ -54,18 +54,10 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
     for ws in [&mut echo_victim, &mut room_victim] {
         while let Some(Ok(_)) = ws.next().await {}
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let (_, body) = http_get(server.admin, "/metrics").await;
-        if Metrics::parse(&body).sum("websocket_server_active_connections", &[]) == 2.0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "slots not freed: {body}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    scrape_when(server.admin, "slots freed", |m| {
+        m.sum("websocket_server_active_connections", &[]) == 2.0
+    })
+    .await;
     // (The gauge drops just before the slot is released: retry a 503 for a moment.)
     let mut newcomer = connect_retrying(&url("/ws/rooms/lobby")).await;
     let mut echo_late = connect_retrying(&url("/ws/echo")).await;
@@ -77,20 +69,17 @@ async fn a_panic_ends_only_its_connection_and_is_counted() {
 
     // Everyone else is unharmed.
     for i in 0..50 {
-        let text = format!("still here {i}");
-        echo_other.send(Message::text(text.clone())).await.unwrap();
-        assert_eq!(next_data(&mut echo_other).await, Message::text(text));
+        echoes(&mut echo_other, &format!("still here {i}")).await;
     }
-    echo_late.send(Message::text("late")).await.unwrap();
-    assert_eq!(next_data(&mut echo_late).await, Message::text("late"));
+    echoes(&mut echo_late, "late").await;
     newcomer.send(Message::text("hello room")).await.unwrap();
     assert_eq!(
         next_data(&mut room_other).await,
         Message::text("hello room")
     );
 
-    let (_, body) = http_get(server.admin, "/metrics").await;
-    let m = Metrics::parse(&body);
+    let m = scrape(server.admin).await;
+    let body = &m.text;
     let panics = |route: &str| {
         m.sum(
             "websocket_server_errors_total",

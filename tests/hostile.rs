@@ -13,49 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Completes a WebSocket handshake by hand and returns the raw socket.
-async fn raw_ws(server: &TestServer, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server.ws).await.unwrap();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        server.ws
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
-}
-
 /// Writes one frame. `mask: None` sends it unmasked (illegal from a client).
 async fn frame(s: &mut TcpStream, first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) {
-    let mut f = vec![first_byte];
-    let m = if mask.is_some() { 0x80 } else { 0 };
-    match payload.len() {
-        n if n < 126 => f.push(m | n as u8),
-        n if n <= 0xffff => {
-            f.push(m | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(m | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(k) => {
-            f.extend_from_slice(&k);
-            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
-        }
-        None => f.extend_from_slice(payload),
-    }
-    s.write_all(&f).await.unwrap();
+    s.write_all(&client_frame(first_byte, payload, mask))
+        .await
+        .unwrap();
 }
 
 const MASK: Option<[u8; 4]> = Some([1, 2, 3, 4]);
@@ -208,7 +170,7 @@ async fn malformed_frames_get_rfc_close_codes() {
         ),
     ];
     for (i, (what, first, payload, mask, code, reason)) in cases.iter().enumerate() {
-        let mut s = raw_ws(&server, "/ws/echo").await;
+        let mut s = raw_ws(server.ws, "/ws/echo").await;
         frame(&mut s, *first, payload, *mask).await;
         assert_eq!(server_close(&mut s).await, Some(*code), "{what}");
         if *first != 0x88 {
@@ -299,7 +261,7 @@ async fn malformed_frames_get_rfc_close_codes() {
 #[tokio::test]
 async fn half_closed_client_is_client_aborted() {
     let server = TestServer::start().await;
-    let mut s = raw_ws(&server, "/ws/echo").await;
+    let mut s = raw_ws(server.ws, "/ws/echo").await;
     frame(&mut s, 0x81, b"ping?", MASK).await;
     s.shutdown().await.unwrap(); // FIN without a Close frame
     assert_eq!(server_close(&mut s).await, None, "the server just hangs up");

@@ -12,7 +12,6 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -58,22 +57,16 @@ fn prometheus_series(m: &Metrics) -> Series {
 
 /// Runs a traced echo session: `n` text messages of 50 B, closed with 1000.
 async fn echo_session(ws_addr: std::net::SocketAddr, n: usize) {
-    let mut req = format!("ws://{ws_addr}/ws/echo")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut().insert(
-        "traceparent",
-        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
-            .parse()
-            .unwrap(),
+    let req = with_headers(
+        &format!("ws://{ws_addr}/ws/echo"),
+        &[
+            ("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")),
+            ("user-agent", "otlp-test/1.0".into()),
+        ],
     );
-    req.headers_mut()
-        .insert("user-agent", "otlp-test/1.0".parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     for i in 0..n {
-        let text = format!("{i:0>50}");
-        ws.send(Message::text(text.clone())).await.unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text(text));
+        echoes(&mut ws, &format!("{i:0>50}")).await;
     }
     ws.close(Some(CloseFrame {
         code: CloseCode::Normal,
@@ -84,20 +77,12 @@ async fn echo_session(ws_addr: std::net::SocketAddr, n: usize) {
     while let Some(Ok(_)) = ws.next().await {}
 }
 
+/// Waits until `closed` connections have ended.
 async fn idle(admin: std::net::SocketAddr, closed: f64) -> Metrics {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = http_get(admin, "/metrics").await;
-        let m = Metrics::parse(&body);
-        if m.sum("websocket_server_connection_duration_seconds_count", &[]) == closed {
-            return m;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "connections did not close"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    scrape_when(admin, "connections did not close", |m| {
+        m.sum("websocket_server_connection_duration_seconds_count", &[]) == closed
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,15 +493,15 @@ async fn blackholed_collector_drops_counted_serving_unaffected_exit_bounded() {
     );
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
-    let (_, body) = http_get(server.admin, "/metrics").await;
-    let m = Metrics::parse(&body);
+    let m = scrape(server.admin).await;
     let dropped = m.sum(
         "otel_sdk_processor_span_processed_total",
         &[("error_type", "queue_full")],
     );
     assert!(
         dropped >= 6000.0 - 2048.0 - 600.0,
-        "dropped spans are counted: {dropped}\n{body}"
+        "dropped spans are counted: {dropped}\n{}",
+        m.text
     );
     assert_eq!(
         m.sum(
@@ -797,15 +782,15 @@ async fn slow_collector_loses_nothing_within_its_queues() {
             .count()
     };
     eventually("every closing log", || closed(&receiver) == 3).await;
-    let (_, body) = http_get(server.admin, "/metrics").await;
-    let m = Metrics::parse(&body);
+    let m = scrape(server.admin).await;
     assert_eq!(
         m.sum(
             "otel_sdk_processor_span_processed_total",
             &[("error_type", "queue_full")]
         ),
         0.0,
-        "nothing dropped: {body}"
+        "nothing dropped: {}",
+        m.text
     );
     assert_eq!(message_spans(&receiver), 1200, "no duplicates either");
 

@@ -16,66 +16,49 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 fn require(tool: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("`{tool}` is not installed: run scripts/test (it installs Debian's prometheus package)")
-        })
+    on_path(tool).unwrap_or_else(|| {
+        panic!(
+            "`{tool}` is not installed: run scripts/test (it installs Debian's prometheus package)"
+        )
+    })
 }
 
 /// A real Prometheus on a temp dir, scraping `target` every second.
 pub struct Prometheus {
     child: Child,
     pub addr: std::net::SocketAddr,
-    _dir: TempDir,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _dir: Scratch,
 }
 
 impl Prometheus {
     fn start(target: std::net::SocketAddr) -> Self {
         let bin = require("prometheus");
-        let dir = std::env::temp_dir().join(format!(
+        let dir = Scratch::at(std::env::temp_dir().join(format!(
             "wsotel-prom-{}-{}",
             std::process::id(),
             target.port()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        )));
         let config = format!(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: wsotel\n    static_configs:\n      - targets: ['{target}']\n"
         );
-        std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+        let config = dir.file("prometheus.yml", config.as_bytes());
         // Prometheus cannot report a port it chose itself: take a free one.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new(bin)
-            .arg(format!(
-                "--config.file={}",
-                dir.join("prometheus.yml").display()
-            ))
+            .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.join("data").display()
+                dir.path("data").display()
             ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path("prometheus.log")).unwrap())
             .spawn()
             .unwrap();
         Prometheus {
             child,
             addr,
-            _dir: TempDir(dir),
+            _dir: dir,
         }
     }
 
@@ -168,12 +151,11 @@ async fn prometheus_scrapes_exact_session_values() {
 
     // The scripted session: 37 text messages of 100 B echoed; a room of three where one
     // member sends 5 binary messages of 64 B; everyone closes normally.
-    let mut echo = connect(&format!("ws://{}/ws/echo", server.ws)).await;
+    let mut echo = connect(&server.url(ECHO)).await;
     for _ in 0..37 {
-        echo.send(Message::text("e".repeat(100))).await.unwrap();
-        assert_eq!(next_data(&mut echo).await, Message::text("e".repeat(100)));
+        echoes(&mut echo, &"e".repeat(100)).await;
     }
-    let room = format!("ws://{}/ws/rooms/e2e", server.ws);
+    let room = server.url("/ws/rooms/e2e");
     let mut members = Vec::new();
     for _ in 0..3 {
         members.push(connect(&room).await);
@@ -275,24 +257,21 @@ async fn promtool_check_metrics_passes() {
     let promtool = require("promtool");
     let server = start(&[]);
     // Some traffic so histograms and per-reason series exist.
-    let mut ws = connect(&format!("ws://{}/ws/echo", server.ws)).await;
+    let mut ws = connect(&server.url(ECHO)).await;
     ws.send(Message::text("lint me")).await.unwrap();
     next_data(&mut ws).await;
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let body = loop {
-        let (status, body) = http_get(server.admin, "/metrics").await;
-        assert_eq!(status, 200);
-        if body.contains("websocket_server_connection_duration_seconds_bucket") {
-            break body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the closed connection shows up in /metrics"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let body = scrape_when(
+        server.admin,
+        "the closed connection shows up in /metrics",
+        |m| {
+            m.text
+                .contains("websocket_server_connection_duration_seconds_bucket")
+        },
+    )
+    .await
+    .text;
 
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])

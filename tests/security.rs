@@ -7,14 +7,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::Receiver;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::process::*;
 use common::*;
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -24,8 +23,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-const ECHO: &str = "/ws/echo";
-const ROOMS_ROUTE: (&str, &str) = ("http_route", "/ws/rooms/{room}");
 const SECRET: &[u8] = b"a test secret that is well over 32 bytes";
 
 // ---- metrics ------------------------------------------------------------------------------
@@ -65,45 +62,10 @@ fn unrouted(m: &Metrics, reason: &str) -> bool {
     .all(|s| !s.labels.contains_key("http_route"))
 }
 
-async fn scrape(admin: SocketAddr) -> Metrics {
-    let (status, body) = http_get(admin, "/metrics").await;
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    Metrics::parse(&body)
-}
-
-/// Polls the binary's `/metrics` until `pred` holds (at most 10 s).
-async fn scrape_when(admin: SocketAddr, what: &str, pred: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = scrape(admin).await;
-        if pred(&m) {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "timed out: {what}\n{}", m.text);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 // ---- clients ------------------------------------------------------------------------------
-
-fn with_headers(url: &str, headers: &[(&'static str, String)]) -> Request {
-    let mut req = url.into_client_request().unwrap();
-    for (name, value) in headers {
-        req.headers_mut().insert(*name, value.parse().unwrap());
-    }
-    req
-}
 
 fn bearer(token: &str) -> [(&'static str, String); 1] {
     [("authorization", format!("Bearer {token}"))]
-}
-
-async fn connect_req(req: Request) -> Client {
-    let (ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .unwrap_or_else(|e| panic!("upgrade refused: {e}"));
-    assert_eq!(resp.status(), 101);
-    ws
 }
 
 /// A TCP connection from `ip` (any 127.x.y.z acts as another client address).
@@ -134,89 +96,15 @@ async fn upgrade_status(req: Request) -> u16 {
     }
 }
 
-async fn echoes(ws: &mut Client, text: &str) {
-    ws.send(Message::text(text)).await.unwrap();
-    assert_eq!(next_data(ws).await, Message::text(text));
-}
-
-/// Reads until the server's Close; returns its code and reason.
-async fn close_frame<S>(ws: &mut S) -> (u16, String)
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-{
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a Close within 10 s")
-        {
-            Some(Ok(Message::Close(Some(f)))) => return (u16::from(f.code), f.reason.to_string()),
-            Some(Ok(Message::Close(None))) => panic!("a Close without a code"),
-            Some(Ok(_)) => continue,
-            other => panic!("the connection ended before a Close: {other:?}"),
-        }
-    }
-}
-
-/// Finishes the closing handshake from the client's side.
-async fn finish<S>(ws: &mut S)
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-{
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
-}
-
-async fn bye(mut ws: Client) {
-    ws.close(None).await.unwrap();
-    finish(&mut ws).await;
-}
-
-/// The upgrade request line and headers for a hand-made handshake.
-fn upgrade_head(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
-}
-
 /// A WebSocket upgraded by hand over a socket with a 4 KiB receive buffer, for a client that
 /// will never read.
 async fn raw_ws_small_buffer(server: SocketAddr, path: &str) -> TcpStream {
-    let sock = TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut s = sock.connect(server).await.unwrap();
-    s.write_all(upgrade_head(path).as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    s
+    raw_upgrade(connect_small_buffer(server).await, path).await
 }
 
 /// One masked client frame.
 fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    let key = [1u8, 2, 3, 4];
-    let mut f = vec![first_byte];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&key);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    f
+    client_frame(first_byte, payload, Some([1, 2, 3, 4]))
 }
 
 /// Sends 300 echo requests of 64 KiB and never reads; ends when the server cuts it.
@@ -310,88 +198,37 @@ fn b64url(bytes: &[u8]) -> String {
     out
 }
 
-/// Files for one test under cargo's temporary directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("security-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-
-    /// Generates a key pair with `openssl genpkey <args>`; returns the private PEM and the
-    /// public key's file.
-    fn key_pair(&self, name: &str, args: &[&str]) -> (Vec<u8>, PathBuf) {
-        let private = self.0.join(format!("{name}.key"));
-        let public = self.0.join(format!("{name}.pub"));
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).output().unwrap();
-            assert!(out.status.success(), "openssl {args:?}: {out:?}");
-        };
-        let mut genpkey = vec!["genpkey"];
-        genpkey.extend_from_slice(args);
-        genpkey.extend_from_slice(&["-out", private.to_str().unwrap()]);
-        openssl(&genpkey);
-        openssl(&[
-            "pkey",
-            "-in",
-            private.to_str().unwrap(),
-            "-pubout",
-            "-out",
-            public.to_str().unwrap(),
-        ]);
-        (std::fs::read(&private).unwrap(), public)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Generates a key pair in `dir` with `openssl genpkey <args>`; returns the private PEM and the
+/// public key's file.
+fn key_pair(dir: &Scratch, name: &str, args: &[&str]) -> (Vec<u8>, PathBuf) {
+    let private = dir.path(&format!("{name}.key"));
+    let public = dir.path(&format!("{name}.pub"));
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let mut genpkey = vec!["genpkey"];
+    genpkey.extend_from_slice(args);
+    genpkey.extend_from_slice(&["-out", private.to_str().unwrap()]);
+    openssl(&genpkey);
+    openssl(&[
+        "pkey",
+        "-in",
+        private.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    (std::fs::read(&private).unwrap(), public)
 }
 
 // ---- the binary ---------------------------------------------------------------------------
 
-/// Reads stdout lines until one satisfies `done` (at most `within`); returns every line read.
-fn lines_until(
-    rx: &Receiver<String>,
-    within: Duration,
-    mut done: impl FnMut(&str) -> bool,
-) -> Vec<String> {
-    let deadline = Instant::now() + within;
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(line) => {
-                let stop = done(&line);
-                seen.push(line);
-                if stop {
-                    return seen;
-                }
-            }
-            Err(e) => panic!("no such line within {within:?} ({e}); lines: {seen:#?}"),
-        }
-    }
-}
-
 /// The binary with its open-file limit (soft and hard) set to `nofile` before it starts.
-#[allow(clippy::zombie_processes)] // `Running`'s Drop kills and waits
 fn start_with_nofile(nofile: u64, extra: &[&str]) -> Running {
-    use std::io::BufRead;
     use std::os::unix::process::CommandExt;
-    let mut cmd = wsotel();
-    cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    let mut cmd = wsotel_on_loopback();
+    cmd.args(extra);
     // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
     unsafe {
         cmd.pre_exec(move || {
@@ -405,50 +242,14 @@ fn start_with_nofile(nofile: u64, extra: &[&str]) -> Running {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let startup = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        lines_until(&rx, Duration::from_secs(20), |l| {
-            l.contains("wsotel started")
-        })
-    })) {
-        Ok(lines) => lines,
-        Err(panic) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            std::panic::resume_unwind(panic);
-        }
-    };
-    let line = startup.last().unwrap();
-    let field = |name: &str| -> SocketAddr {
-        let at = line.find(&format!(" {name}=")).unwrap() + name.len() + 2;
-        line[at..].split(' ').next().unwrap().parse().unwrap()
-    };
-    Running {
-        ws: field("listen"),
-        admin: field("admin_listen"),
-        startup: startup.clone(),
-        child,
-        lines: rx,
-    }
+    start_command(cmd)
 }
 
 // ==== 1. authentication ====================================================================
 
 #[tokio::test]
 async fn hs256_tokens_in_every_carrier_and_every_refusal() {
-    let dir = Scratch::new("hs256");
+    let dir = Scratch::new("security-hs256");
     // Surrounding whitespace in the file is not part of the secret.
     let mut file = b"  ".to_vec();
     file.extend_from_slice(SECRET);
@@ -470,11 +271,11 @@ async fn hs256_tokens_in_every_carrier_and_every_refusal() {
     let echo = server.url(ECHO);
 
     // Every carrier a client can use: each connects and echoes.
-    let mut via_header = connect_req(with_headers(&echo, &bearer(&good))).await;
+    let mut via_header = connect(with_headers(&echo, &bearer(&good))).await;
     echoes(&mut via_header, "header").await;
     let mut via_query = connect(&format!("{echo}?access_token={good}")).await;
     echoes(&mut via_query, "query").await;
-    let mut via_cookie = connect_req(with_headers(
+    let mut via_cookie = connect(with_headers(
         &echo,
         &[("cookie", format!("theme=dark; wsotel_token={good}"))],
     ))
@@ -495,10 +296,10 @@ async fn hs256_tokens_in_every_carrier_and_every_refusal() {
 
     // Room patterns: exact, prefix and `*`.
     let room = |name: &str| server.url(&format!("/ws/rooms/{name}"));
-    let lobby = connect_req(with_headers(&room("lobby"), &bearer(&good))).await;
-    let team = connect_req(with_headers(&room("team-red"), &bearer(&good))).await;
+    let lobby = connect(with_headers(&room("lobby"), &bearer(&good))).await;
+    let team = connect(with_headers(&room("team-red"), &bearer(&good))).await;
     let any = hs256(SECRET, &claims(json!(["*"]), now() + 600));
-    let anywhere = connect_req(with_headers(&room("anything.at-all"), &bearer(&any))).await;
+    let anywhere = connect(with_headers(&room("anything.at-all"), &bearer(&any))).await;
     for name in ["lobby2", "other"] {
         assert_eq!(
             refused_status(with_headers(&room(name), &bearer(&good))).await,
@@ -592,7 +393,7 @@ async fn hs256_tokens_in_every_carrier_and_every_refusal() {
 /// without them is refused like one with another value.
 #[tokio::test]
 async fn a_configured_audience_and_issuer_are_required() {
-    let dir = Scratch::new("aud-iss");
+    let dir = Scratch::new("security-aud-iss");
     let secret_file = dir.file("secret", SECRET);
     let server = TestServer::start_with(|c| {
         c.auth_hs256_secret_file = Some(secret_file);
@@ -602,7 +403,7 @@ async fn a_configured_audience_and_issuer_are_required() {
     .await;
     let echo = server.url(ECHO);
     let both = json!({"exp": now() + 600, "aud": "wsotel", "iss": "https://issuer.example"});
-    let mut ws = connect_req(with_headers(&echo, &bearer(&hs256(SECRET, &both)))).await;
+    let mut ws = connect(with_headers(&echo, &bearer(&hs256(SECRET, &both)))).await;
     echoes(&mut ws, "both").await;
     bye(ws).await;
     let mut statuses = Vec::new();
@@ -632,12 +433,14 @@ type KeyCase<'a> = (&'a TestServer, Vec<String>, Vec<(&'a str, String)>);
 
 #[tokio::test]
 async fn public_key_and_jwks_tokens() {
-    let dir = Scratch::new("keys");
-    let (rsa_private, rsa_public) = dir.key_pair(
+    let dir = Scratch::new("security-keys");
+    let (rsa_private, rsa_public) = key_pair(
+        &dir,
         "rsa",
         &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
     );
-    let (ec_private, ec_public) = dir.key_pair(
+    let (ec_private, ec_public) = key_pair(
+        &dir,
         "ec",
         &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
     );
@@ -705,7 +508,7 @@ async fn public_key_and_jwks_tokens() {
     ];
     for (server, valid, invalid) in &cases {
         for (i, token) in valid.iter().enumerate() {
-            let mut ws = connect_req(with_headers(&server.url(ECHO), &bearer(token))).await;
+            let mut ws = connect(with_headers(&server.url(ECHO), &bearer(token))).await;
             echoes(&mut ws, &format!("valid {i}")).await;
             bye(ws).await;
         }
@@ -743,7 +546,7 @@ async fn public_key_and_jwks_tokens() {
 
 #[tokio::test]
 async fn a_member_without_publish_rights_is_closed_and_nothing_is_delivered() {
-    let dir = Scratch::new("publish");
+    let dir = Scratch::new("security-publish");
     let secret_file = dir.file("secret", SECRET);
     let server = TestServer::start_with(|c| c.auth_hs256_secret_file = Some(secret_file)).await;
     let url = server.url("/ws/rooms/news");
@@ -759,9 +562,9 @@ async fn a_member_without_publish_rights_is_closed_and_nothing_is_delivered() {
         SECRET,
         &json!({"exp": now() + 600, "rooms": [], "publish": ["new*"]}),
     );
-    let mut mute = connect_req(with_headers(&url, &bearer(&listener_only))).await;
-    let mut a = connect_req(with_headers(&url, &bearer(&member))).await;
-    let mut b = connect_req(with_headers(&url, &bearer(&publisher))).await;
+    let mut mute = connect(with_headers(&url, &bearer(&listener_only))).await;
+    let mut a = connect(with_headers(&url, &bearer(&member))).await;
+    let mut b = connect(with_headers(&url, &bearer(&publisher))).await;
     server
         .metrics_when("three members", |m| {
             m.sum("websocket_server_active_connections", &[ROOMS_ROUTE]) == 3.0
@@ -805,14 +608,14 @@ async fn a_member_without_publish_rights_is_closed_and_nothing_is_delivered() {
 
 #[tokio::test]
 async fn a_connection_ends_when_its_token_expires() {
-    let dir = Scratch::new("expiry");
+    let dir = Scratch::new("security-expiry");
     let secret_file = dir.file("secret", SECRET);
     let server = TestServer::start_with(|c| c.auth_hs256_secret_file = Some(secret_file)).await;
     let short = hs256(SECRET, &json!({"exp": now() + 2, "rooms": ["*"]}));
     let long = hs256(SECRET, &grant(json!(["*"])));
     let started = Instant::now();
-    let mut expiring = connect_req(with_headers(&server.url(ECHO), &bearer(&short))).await;
-    let mut lasting = connect_req(with_headers(&server.url(ECHO), &bearer(&long))).await;
+    let mut expiring = connect(with_headers(&server.url(ECHO), &bearer(&short))).await;
+    let mut lasting = connect(with_headers(&server.url(ECHO), &bearer(&long))).await;
     echoes(&mut expiring, "while valid").await;
 
     assert_eq!(
@@ -840,10 +643,10 @@ async fn a_connection_ends_when_its_token_expires() {
 /// accepted or not. The subject does, on the connection's lines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_reach_the_log() {
-    let dir = Scratch::new("log-tokens");
+    let dir = Scratch::new("security-log-tokens");
     let secret_file = dir.file("secret", SECRET);
     let server = start(&["--auth-hs256-secret-file", secret_file.to_str().unwrap()]);
-    let echo = format!("ws://{}{ECHO}", server.ws);
+    let echo = server.url(ECHO);
     // A 4 KiB subject: cut to 128 characters on the log lines.
     let subject = format!("carol-{}", "c".repeat(4090));
     let good = hs256(
@@ -901,7 +704,7 @@ async fn tokens_never_reach_the_log() {
 /// never a panic that drops the request without a word.
 #[tokio::test]
 async fn an_out_of_range_exp_is_answered_not_a_panic() {
-    let dir = Scratch::new("huge-exp");
+    let dir = Scratch::new("security-huge-exp");
     let secret_file = dir.file("secret", SECRET);
     let server = TestServer::start_with(|c| c.auth_hs256_secret_file = Some(secret_file)).await;
     let token = hs256(SECRET, &json!({"exp": u64::MAX, "rooms": ["*"]}));
@@ -927,7 +730,7 @@ async fn an_out_of_range_exp_is_answered_not_a_panic() {
         1.0
     );
     // And the server still serves.
-    let mut ws = connect_req(with_headers(
+    let mut ws = connect(with_headers(
         &server.url(ECHO),
         &bearer(&hs256(SECRET, &grant(json!(["*"])))),
     ))
@@ -937,11 +740,11 @@ async fn an_out_of_range_exp_is_answered_not_a_panic() {
 
 #[test]
 fn unusable_keys_stop_startup_with_one_line_and_exit_2() {
-    let dir = Scratch::new("badkeys");
+    let dir = Scratch::new("security-badkeys");
     let short = dir.file("short", b"12345");
     let not_pem = dir.file("not-pem", b"-----BEGIN PUBLIC KEY-----\nnope\n");
     let no_keys = dir.file("empty.jwks", br#"{"keys": []}"#);
-    let missing = dir.0.join("missing-secret");
+    let missing = dir.path("missing-secret");
     let cases: [(&[&str], &str); 5] = [
         (
             &["--auth-hs256-secret-file", missing.to_str().unwrap()],
@@ -967,16 +770,11 @@ fn unusable_keys_stop_startup_with_one_line_and_exit_2() {
         ),
     ];
     for (args, needle) in cases {
-        let out = wsotel()
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, stdout, stderr) = run_to_end(wsotel_on_loopback().args(args));
+        assert_eq!(code, 2, "{args:?}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr} names {needle}");
-        assert!(out.stdout.is_empty(), "nothing started: {:?}", out.stdout);
+        assert!(stdout.is_empty(), "nothing started: {stdout:?}");
     }
 }
 
@@ -1296,7 +1094,7 @@ async fn descriptor_reserve_keeps_the_admin_listener_answering() {
         startup.contains("open_file_limit=128"),
         "the limit is in force: {startup}"
     );
-    let url = format!("ws://{}{ECHO}", server.ws);
+    let url = server.url(ECHO);
     let advice = lines_until(&server.lines, Duration::from_secs(10), |l| {
         l.contains("below --max-connections plus --max-pending-handshakes")
     });
@@ -1467,7 +1265,7 @@ async fn a_flood_of_refusals_writes_a_bounded_log() {
     ) as usize;
 
     // A line written after the flood: every line of the flood is in before it.
-    let marker = connect(&format!("ws://{}{ECHO}", server.ws)).await;
+    let marker = connect(&server.url(ECHO)).await;
     let lines = lines_until(&server.lines, Duration::from_secs(10), |l| {
         l.contains("connection opened")
     });
@@ -1692,7 +1490,7 @@ fn line_for(lines: &[String], what: &str, port: u16) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_address_is_logged_on_open_and_close() {
     let server = start(&[]);
-    let ws = connect(&format!("ws://{}{ECHO}", server.ws)).await;
+    let ws = connect(&server.url(ECHO)).await;
     let port = local_port(&ws);
     bye(ws).await;
     let lines = lines_until(&server.lines, Duration::from_secs(10), |l| {
@@ -1713,14 +1511,14 @@ async fn a_trusted_proxy_names_the_client_for_logs_and_limits_never_metrics() {
         "--max-connections-per-ip",
         "1",
     ]);
-    let url = format!("ws://{}{ECHO}", server.ws);
+    let url = server.url(ECHO);
     let forwarded = |chain: &str| with_headers(&url, &[("x-forwarded-for", chain.to_owned())]);
     // The right-most address the proxy appended is the client; the left one is the client's
     // own claim and is not believed.
-    let mut first = connect_req(forwarded("198.51.100.9, 203.0.113.7")).await;
+    let mut first = connect(forwarded("198.51.100.9, 203.0.113.7")).await;
     echoes(&mut first, "forwarded").await;
     assert_eq!(refused_status(forwarded("203.0.113.7")).await, 429);
-    let mut neighbour = connect_req(forwarded("203.0.113.8")).await;
+    let mut neighbour = connect(forwarded("203.0.113.8")).await;
     echoes(&mut neighbour, "neighbour").await;
     // An untrusted peer cannot pick its address: it is 127.0.0.2 whatever it forwards.
     let mut spoofer = ws_from("127.0.0.2", server.ws, forwarded("203.0.113.7")).await;

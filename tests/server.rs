@@ -7,23 +7,8 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-const ECHO: &str = "/ws/echo";
-const ECHO_ROUTE: (&str, &str) = ("http_route", "/ws/echo");
-const ROOMS_ROUTE: (&str, &str) = ("http_route", "/ws/rooms/{room}");
-const RX: (&str, &str) = ("network_io_direction", "receive");
-const TX: (&str, &str) = ("network_io_direction", "transmit");
-
-fn mtype(t: &'static str) -> (&'static str, &'static str) {
-    ("websocket_message_type", t)
-}
-
-fn reason(r: &'static str) -> (&'static str, &'static str) {
-    ("websocket_close_reason", r)
-}
 
 #[tokio::test]
 async fn echo_session_counts_exactly() {
@@ -452,18 +437,18 @@ async fn handshake_rejections_answer_and_count() {
         400
     );
     // Cross-site Origin: 403. Same-host and allow-listed origins pass.
-    let mut req = server.url(ECHO).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("origin", "https://evil.example".parse().unwrap());
-    assert_eq!(refused_status(req).await, 403);
-    let mut req = server.url(ECHO).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("origin", format!("http://{}", server.ws).parse().unwrap());
-    let (mut same_host, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let mut req = server.url(ECHO).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("origin", "https://app.example".parse().unwrap());
-    let (mut listed, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let origin = |o: String| with_headers(&server.url(ECHO), &[("origin", o)]);
+    assert_eq!(
+        refused_status(origin("https://evil.example".into())).await,
+        403
+    );
+    let (mut same_host, _) =
+        tokio_tungstenite::connect_async(origin(format!("http://{}", server.ws)))
+            .await
+            .unwrap();
+    let (mut listed, _) = tokio_tungstenite::connect_async(origin("https://app.example".into()))
+        .await
+        .unwrap();
     // Two open: the third gets 503.
     assert_eq!(refused_status(server.url(ECHO)).await, 503);
     // A plain GET without upgrade headers.
@@ -482,9 +467,10 @@ async fn handshake_rejections_answer_and_count() {
     assert_eq!(status, 426, "bad version");
     // A subprotocol the server does not speak: refused where it can be counted (a 101 without
     // it would make a browser abort the connection at once).
-    let mut req = server.url(ECHO).into_client_request().unwrap();
-    req.headers_mut()
-        .insert("sec-websocket-protocol", "chat.v1".parse().unwrap());
+    let req = with_headers(
+        &server.url(ECHO),
+        &[("sec-websocket-protocol", "chat.v1".into())],
+    );
     assert_eq!(refused_status(req).await, 400);
 
     let m = server.metrics().await;
@@ -559,9 +545,7 @@ async fn slow_consumer_is_disconnected_and_others_are_unaffected() {
     .await;
     let url = server.url("/ws/rooms/busy");
     // The slow member: a tiny receive buffer and it never reads.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let stream = sock.connect(server.ws).await.unwrap();
+    let stream = connect_small_buffer(server.ws).await;
     let (slow, _) = tokio_tungstenite::client_async(url.clone(), stream)
         .await
         .unwrap();

@@ -1,12 +1,22 @@
-//! Test harness: the real `run` on loopback port 0, a `/metrics` scraper and parser, and
-//! WebSocket clients.
+//! Test harness: the real `run` on loopback port 0, a `/metrics` scraper and parser, raw HTTP,
+//! free ports and scratch directories; WebSocket clients (`ws`), the label pairs tests assert
+//! on (`labels`), the real binary (`process`) and the OTLP receiver (`otlp`).
 #![allow(dead_code)]
 
+pub mod labels;
 pub mod otlp;
 pub mod process;
+pub mod ws;
+
+// Re-exported so that `use common::*` brings them; a test binary may use none of them.
+#[allow(unused_imports)]
+pub use labels::*;
+#[allow(unused_imports)]
+pub use ws::*;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,11 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use wsotel::{Config, Telemetry};
-
-pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A server started in-process with `run`.
 pub struct TestServer {
@@ -72,9 +78,7 @@ impl TestServer {
     }
 
     pub async fn metrics(&self) -> Metrics {
-        let (status, body) = http_get(self.admin, "/metrics").await;
-        assert_eq!(status, 200, "GET /metrics: {body}");
-        Metrics::parse(&body)
+        scrape(self.admin).await
     }
 
     /// The same exposition, rendered in-process: still readable after `run` has returned.
@@ -84,33 +88,101 @@ impl TestServer {
 
     /// Polls `/metrics` until `pred` holds (at most 10 s), and returns that scrape.
     pub async fn metrics_when(&self, what: &str, pred: impl Fn(&Metrics) -> bool) -> Metrics {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let m = self.metrics().await;
-            if pred(&m) {
-                return m;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for: {what}\n{}",
-                m.text
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        scrape_when(self.admin, what, pred).await
     }
 
     /// Waits until no connection is open.
     pub async fn idle(&self) -> Metrics {
-        self.metrics_when("active connections back to 0", |m| {
-            m.sum("websocket_server_active_connections", &[]) == 0.0
-        })
-        .await
+        idle_at(self.admin).await
     }
 }
 
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.begin_shutdown();
+    }
+}
+
+/// `GET /metrics` on an admin listener (in-process or the binary's), parsed; it must answer 200.
+pub async fn scrape(admin: SocketAddr) -> Metrics {
+    let (status, body) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200, "GET /metrics: {body}");
+    Metrics::parse(&body)
+}
+
+/// Polls `admin`'s `/metrics` until `pred` holds (at most 10 s), and returns that scrape.
+pub async fn scrape_when(
+    admin: SocketAddr,
+    what: &str,
+    pred: impl Fn(&Metrics) -> bool,
+) -> Metrics {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = scrape(admin).await;
+        if pred(&m) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what}\n{}",
+            m.text
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until no connection is open on the server of this admin listener.
+pub async fn idle_at(admin: SocketAddr) -> Metrics {
+    scrape_when(admin, "active connections back to 0", |m| {
+        m.sum("websocket_server_active_connections", &[]) == 0.0
+    })
+    .await
+}
+
+/// A free loopback port for a server that is not ours to bind (it binds the port itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A directory for one test's files under cargo's temporary directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// `<CARGO_TARGET_TMPDIR>/<name>-<pid>`, created empty.
+    pub fn new(name: &str) -> Self {
+        Scratch::at(
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("{name}-{}", std::process::id())),
+        )
+    }
+
+    /// `dir`, created empty.
+    pub fn at(dir: PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// The path of `name` in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `bytes` to `name` in it; returns the file's path.
+    pub fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -298,56 +370,5 @@ fn parse_sample(line: &str) -> Sample {
         name,
         labels,
         value,
-    }
-}
-
-/// Connects a WebSocket client, panicking with the HTTP answer if the upgrade fails.
-pub async fn connect(url: &str) -> Client {
-    let (ws, resp) = tokio_tungstenite::connect_async(url)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-    assert_eq!(resp.status(), 101);
-    ws
-}
-
-/// Tries an upgrade and returns the HTTP status of the refusal.
-pub async fn refused_status(
-    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
-) -> u16 {
-    match tokio_tungstenite::connect_async(request).await {
-        Ok(_) => panic!("upgrade unexpectedly accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
-        Err(e) => panic!("unexpected error: {e}"),
-    }
-}
-
-/// Reads until a data message arrives (skipping pings and pongs).
-pub async fn next_data(ws: &mut Client) -> Message {
-    use futures_util::StreamExt;
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a message within 10 s")
-            .expect("stream open")
-            .expect("no error");
-        if msg.is_text() || msg.is_binary() || msg.is_close() {
-            return msg;
-        }
-    }
-}
-
-/// Reads until the server's Close arrives; returns its code.
-pub async fn close_code(ws: &mut Client) -> Option<u16> {
-    use futures_util::StreamExt;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("close within 10 s")
-        {
-            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => panic!("error before Close: {e}"),
-            None => return None,
-        }
     }
 }

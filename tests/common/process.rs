@@ -1,7 +1,9 @@
 //! The real `wsotel` binary as a child process, its ports read from its startup log line.
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 /// The binary with a clean environment: no `WSOTEL_*`, `OTEL_*` or `RUST_LOG` from the caller.
@@ -14,6 +16,53 @@ pub fn wsotel() -> Command {
         }
     }
     c
+}
+
+/// [`wsotel`] listening on loopback ports of its own choosing (both 0).
+pub fn wsotel_on_loopback() -> Command {
+    let mut c = wsotel();
+    c.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]);
+    c
+}
+
+/// Runs `cmd` to its end; returns its exit code (-1 when killed by a signal), stdout and stderr.
+pub fn run_to_end(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tool` from the first directory of `PATH` that has it.
+pub fn on_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+/// Reads stdout lines until one satisfies `done` (at most `within`); returns every line read.
+pub fn lines_until(
+    rx: &Receiver<String>,
+    within: Duration,
+    mut done: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => {
+                let stop = done(&line);
+                seen.push(line);
+                if stop {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no such line within {within:?} ({e}); lines: {seen:#?}"),
+        }
+    }
 }
 
 /// A running binary, its ports read from its startup log line.
@@ -31,12 +80,17 @@ pub fn start(extra: &[&str]) -> Running {
 }
 
 /// Starts the binary with extra flags and environment.
-#[allow(clippy::zombie_processes)] // `Running`'s Drop kills and waits
 pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Running {
-    let mut child = wsotel()
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .args(extra)
-        .envs(env.iter().copied())
+    let mut cmd = wsotel_on_loopback();
+    cmd.args(extra).envs(env.iter().copied());
+    start_command(cmd)
+}
+
+/// Starts `cmd` (a [`wsotel_on_loopback`] with whatever else the test needs), its stdout read
+/// line by line, and waits for its startup line (at most 20 s).
+#[allow(clippy::zombie_processes)] // `Running`'s Drop kills and waits
+pub fn start_command(mut cmd: Command) -> Running {
+    let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -91,6 +145,11 @@ pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Running {
 }
 
 impl Running {
+    /// `ws://` URL of `path` on its WebSocket listener.
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.ws, path)
+    }
+
     pub fn sigterm(&self) {
         // SAFETY: kill with a valid pid of our own child.
         assert_eq!(
