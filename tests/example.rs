@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::otlp::*;
+use common::process::*;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -32,94 +31,22 @@ fn chat_binary() -> std::path::PathBuf {
     bin
 }
 
-struct Chat {
-    child: Child,
-    addr: SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Chat {
-    fn start(otlp: SocketAddr) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let mut cmd = Command::new(chat_binary());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("OTEL_") || k == "RUST_LOG" {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
-            .env("CHAT_LISTEN", port.to_string())
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-            .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("OTEL_BLRP_SCHEDULE_DELAY", "100")
-            .env("OTEL_SERVICE_NAME", "chat-example")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|e| {
-                    let _ = child.kill();
-                    panic!("no startup line from the chat example: {e}")
-                });
-            if line.contains("chat started") {
-                break;
-            }
-        }
-        Chat {
-            child,
-            addr: port,
-            lines,
+/// Starts the chat example on a kernel-chosen port, exporting to the OTLP receiver at `otlp`.
+fn start_chat(otlp: SocketAddr) -> Running {
+    let mut cmd = Command::new(chat_binary());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OTEL_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
         }
     }
-
-    async fn metrics(&self) -> Metrics {
-        let (status, body) = http_get(self.addr, "/metrics").await;
-        assert_eq!(status, 200, "{body}");
-        Metrics::parse(&body)
-    }
-
-    /// SIGTERM, then the exit code and the rest of stdout.
-    fn stop(mut self) -> (i32, Vec<String>) {
-        // SAFETY: kill with a valid pid of our own child.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
-            0
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let rest = self.lines.try_iter().collect();
-                return (status.code().unwrap_or(-1), rest);
-            }
-            assert!(Instant::now() < deadline, "the chat example did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Chat {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    cmd.env("CHAT_LISTEN", "127.0.0.1:0")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+        .env("OTEL_BLRP_SCHEDULE_DELAY", "100")
+        .env("OTEL_SERVICE_NAME", "chat-example");
+    start_command_until(cmd, "chat started")
 }
 
 /// The sum over an OTLP metric's points whose attributes include `labels` (named as on
@@ -146,13 +73,13 @@ async fn the_chat_example_is_measured_like_the_server() {
     let (listener, otlp) = listener().await;
     let receiver = Receiver::default();
     let _server = receiver.serve_grpc(listener);
-    let chat = Chat::start(otlp);
-    let url = format!("ws://{}/chat", chat.addr);
+    let chat = start_chat(otlp);
+    let url = chat.url("/chat");
 
     let mut alice = connect(&url).await;
     let mut bob = connect(&url).await;
     let mut carol = connect(&url).await;
-    chat.metrics_when_active(3).await;
+    metrics_when_active(&chat, 3).await;
 
     // Alice sends 37 messages of 100 bytes; Bob and Carol each get all 37.
     let payload = "x".repeat(100);
@@ -176,7 +103,7 @@ async fn the_chat_example_is_measured_like_the_server() {
         ws.close(None).await.unwrap();
         while let Some(Ok(_)) = ws.next().await {}
     }
-    let m = chat.metrics_when_active(0).await;
+    let m = metrics_when_active(&chat, 0).await;
 
     let route = ("http_route", "/chat");
     let sum = |name: &str, labels: &[(&str, &str)]| {
@@ -235,7 +162,10 @@ async fn the_chat_example_is_measured_like_the_server() {
     })
     .await;
 
-    let (code, _) = chat.stop();
+    chat.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || chat.wait())
+        .await
+        .unwrap();
     assert_eq!(code, 0, "the example exits 0 on SIGTERM");
 
     // Three connection spans and three closing log lines, exported at exit.
@@ -291,21 +221,13 @@ async fn the_chat_example_is_measured_like_the_server() {
     );
 }
 
-impl Chat {
-    /// `/metrics` once the chat holds `n` open connections.
-    async fn metrics_when_active(&self, n: usize) -> Metrics {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let m = self.metrics().await;
-            if m.sum(
-                "websocket_server_active_connections",
-                &[("http_route", "/chat")],
-            ) == n as f64
-            {
-                return m;
-            }
-            assert!(Instant::now() < deadline, "never {n} open connections");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+/// The chat's `/metrics` once it holds `n` open connections.
+async fn metrics_when_active(chat: &Running, n: usize) -> Metrics {
+    scrape_when(chat.ws, &format!("{n} open connections"), |m| {
+        m.sum(
+            "websocket_server_active_connections",
+            &[("http_route", "/chat")],
+        ) == n as f64
+    })
+    .await
 }

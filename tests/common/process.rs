@@ -89,7 +89,13 @@ pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Running {
 /// Starts `cmd` (a [`wsotel_on_loopback`] with whatever else the test needs), its stdout read
 /// line by line, and waits for its startup line (at most 20 s).
 #[allow(clippy::zombie_processes)] // `Running`'s Drop kills and waits
-pub fn start_command(mut cmd: Command) -> Running {
+pub fn start_command(cmd: Command) -> Running {
+    start_command_until(cmd, "wsotel started")
+}
+
+/// Spawns `cmd` and reads its stdout until the line containing `marker`, which carries
+/// `listen=` (and `admin_listen=`; without it, the admin address is the listen address).
+pub fn start_command_until(mut cmd: Command, marker: &str) -> Running {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -113,29 +119,25 @@ pub fn start_command(mut cmd: Command) -> Running {
                 // Never leave an orphan behind holding the test's pipes.
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("no startup line from wsotel ({e}); lines so far: {startup:#?}");
+                panic!("no {marker:?} line ({e}); lines so far: {startup:#?}");
             }
         };
         startup.push(line.clone());
-        if line.contains("wsotel started") {
-            let field = |name: &str| -> std::net::SocketAddr {
+        if line.contains(marker) {
+            let field = |name: &str| -> Option<std::net::SocketAddr> {
                 let plain = format!("{name}=");
                 let json = format!("\"{name}\":\"");
-                let at = line
-                    .find(&json)
-                    .map(|i| i + json.len())
-                    .or_else(|| line.find(&plain).map(|i| i + plain.len()))
-                    .unwrap_or_else(|| panic!("{name} in {line}"));
-                line[at..]
-                    .split([' ', '"'])
-                    .next()
-                    .unwrap()
-                    .parse()
-                    .unwrap()
+                let at = line.find(&json).map(|i| i + json.len()).or_else(|| {
+                    line.match_indices(&plain)
+                        .find(|(i, _)| *i == 0 || !line[..*i].ends_with('_'))
+                        .map(|(i, _)| i + plain.len())
+                })?;
+                Some(line[at..].split([' ', '"']).next()?.parse().unwrap())
             };
+            let ws = field("listen").unwrap_or_else(|| panic!("listen in {line}"));
             return Running {
-                ws: field("listen"),
-                admin: field("admin_listen"),
+                ws,
+                admin: field("admin_listen").unwrap_or(ws),
                 startup,
                 child,
                 lines: rx,
