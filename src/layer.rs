@@ -37,7 +37,7 @@ const MAX_PATH: usize = 256;
 /// holds the WebSocket routes, and take a [`WebSocketUpgrade`](crate::WebSocketUpgrade) in
 /// their handlers.
 ///
-/// ```no_run
+/// ```
 /// use axum::{Router, routing::get};
 /// use wsotel::{Telemetry, WebSockets, WebSocketUpgrade};
 ///

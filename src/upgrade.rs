@@ -216,7 +216,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 /// `into_make_service_with_connect_info::<SocketAddr>()` so connections know their peer
 /// address (for logs, spans and per-address limits).
 ///
-/// ```no_run
+/// ```
 /// use axum::response::Response;
 /// use wsotel::{Message, WebSocketUpgrade};
 ///

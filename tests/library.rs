@@ -186,11 +186,14 @@ async fn a_closer_from_another_task_closes_with_its_reason() {
     async fn kick(ws: WebSocketUpgrade) -> Response {
         ws.on_upgrade(|mut socket| async move {
             let closer = socket.closer();
+            let kicker = closer.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                closer.close(CloseReason::SlowConsumer);
+                kicker.close(CloseReason::SlowConsumer);
+                kicker.close(CloseReason::RateLimited);
             });
             while socket.recv().await.is_some() {}
+            assert!(closer.is_closed());
             assert!(socket.send(Message::text("late")).await.is_err());
         })
     }
@@ -199,7 +202,11 @@ async fn a_closer_from_another_task_closes_with_its_reason() {
     match next_data(&mut client).await {
         ClientMessage::Close(Some(frame)) => {
             assert_eq!(u16::from(frame.code), 1008);
-            assert_eq!(frame.reason.as_str(), "slow consumer");
+            assert_eq!(
+                frame.reason.as_str(),
+                "slow consumer",
+                "the first reason wins"
+            );
         }
         other => panic!("expected Close 1008, got {other:?}"),
     }

@@ -189,14 +189,6 @@ impl CloseReason {
             Some(_) => CloseReason::Other,
         }
     }
-
-    /// Whether this ending is one a healthy client chooses (for alerting on abnormal ones).
-    pub fn is_normal(self) -> bool {
-        matches!(
-            self,
-            CloseReason::Normal | CloseReason::GoingAway | CloseReason::ServerShutdown
-        )
-    }
 }
 
 /// `websocket.close.initiator`: which side decided the connection ends. Read with
