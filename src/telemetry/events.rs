@@ -31,6 +31,25 @@ const LOG_EVENT: &str = "event";
 const ERROR_TYPE: &str = "error.type";
 const DROP_REASON: &str = "reason";
 
+/// A connection's info line: who it is (`connection.id`, `http.route`, `client.address`,
+/// `network.peer.address`, `network.peer.port`, `user.id`, `websocket.room`), then the
+/// event's own fields. One list, so the opening and closing lines always name the same things.
+macro_rules! connection_line {
+    ($who:expr, $message:literal $(, $($field:tt)*)?) => {
+        tracing::info!(
+            connection.id = $who.id as i64,
+            http.route = $who.route.as_str(),
+            client.address = %$who.client(),
+            network.peer.address = %$who.peer.ip(),
+            network.peer.port = $who.peer.port(),
+            user.id = $who.user(),
+            websocket.room = $who.room(),
+            $($($field)*)?
+            $message
+        )
+    };
+}
+
 /// The recording side of telemetry that the server holds: cheap to clone.
 #[derive(Clone)]
 pub struct Events {
@@ -412,18 +431,7 @@ impl Events {
         if !self.log_allowed(LogEvent::ConnectionOpened) {
             return;
         }
-        in_span(span, || {
-            tracing::info!(
-                connection.id = who.id as i64,
-                http.route = who.route.as_str(),
-                client.address = %who.client(),
-                network.peer.address = %who.peer.ip(),
-                network.peer.port = who.peer.port(),
-                user.id = who.user(),
-                websocket.room = who.room(),
-                "connection opened"
-            )
-        });
+        in_span(span, || connection_line!(who, "connection opened"));
     }
 
     /// A connection ended: its lifetime in `websocket.server.connection.duration` (by reason
@@ -442,14 +450,9 @@ impl Events {
         let initiator = closed.initiator.as_str();
         if self.log_allowed(LogEvent::ConnectionClosed) {
             in_span(span.as_deref().map(|s| s.span_context()), || {
-                tracing::info!(
-                    connection.id = who.id as i64,
-                    http.route = who.route.as_str(),
-                    client.address = %who.client(),
-                    network.peer.address = %who.peer.ip(),
-                    network.peer.port = who.peer.port(),
-                    user.id = who.user(),
-                    websocket.room = who.room(),
+                connection_line!(
+                    who,
+                    "connection closed",
                     websocket.close.code = closed.code.map(i64::from),
                     websocket.close.reason = reason,
                     websocket.close.initiator = initiator,
@@ -458,7 +461,6 @@ impl Events {
                     websocket.messages.sent = totals.messages_sent as i64,
                     websocket.bytes.received = totals.bytes_received as i64,
                     websocket.bytes.sent = totals.bytes_sent as i64,
-                    "connection closed"
                 )
             });
         }
