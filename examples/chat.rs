@@ -23,6 +23,7 @@ use axum::response::Response;
 use axum::routing::get;
 use tokio::sync::broadcast;
 use wsotel::config::LogFormat;
+use wsotel::telemetry::DropReason;
 use wsotel::{CloseReason, Message, Telemetry, WebSocket, WebSocketUpgrade, WebSockets};
 
 /// Every message sent to the chat, with its sender's connection id.
@@ -106,7 +107,7 @@ async fn member(mut ws: WebSocket, hub: Hub) {
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    ws.dropped(missed);
+                    ws.dropped(DropReason::SlowConsumer, missed);
                     ws.close(CloseReason::SlowConsumer).await;
                 }
                 Err(broadcast::error::RecvError::Closed) => break,

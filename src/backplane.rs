@@ -35,22 +35,12 @@ use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tungstenite::Message;
 
-use crate::routes::ROOMS;
-use crate::telemetry::{DropReason, Events, Spans};
+use crate::telemetry::{DropReason, Events, Route, Spans};
 
 /// Header carrying the publishing instance's wall clock (Unix nanoseconds).
 const SENT_AT: &str = "Wsotel-Sent-At";
 /// Header carrying the message type (`text` or `binary`).
 const KIND: &str = "Wsotel-Kind";
-/// `error.type` values of `websocket.server.backplane.errors` (a fixed set: they start at 0).
-pub const ERROR_TYPES: [&str; 6] = [
-    "send",
-    "max_payload",
-    "invalid_subject",
-    "slow_consumer",
-    "server_error",
-    "client_error",
-];
 
 /// Messages a subscription buffers before NATS reports it a slow consumer.
 const SUBSCRIPTION_CAPACITY: usize = 8192;
@@ -134,6 +124,8 @@ struct Inner {
     client: async_nats::Client,
     prefix: String,
     events: Events,
+    /// The route room members come in on: what dropped room messages are counted under.
+    route: Route,
     spans: Option<Arc<Spans>>,
     connected: Arc<AtomicBool>,
 }
@@ -149,10 +141,11 @@ impl Backplane {
     pub async fn start(
         settings: &BackplaneSettings,
         events: Events,
+        route: Route,
         spans: Option<Arc<Spans>>,
     ) -> Result<Self, String> {
         let connected = Arc::new(AtomicBool::new(false));
-        events.backplane_configured(connected.clone(), ROOMS);
+        events.backplane_configured(connected.clone(), route);
         let flag = connected.clone();
         let ev = events.clone();
         let client = ConnectOptions::new()
@@ -179,6 +172,7 @@ impl Backplane {
             client,
             prefix: settings.prefix.clone(),
             events,
+            route,
             spans,
             connected,
         });
@@ -209,7 +203,7 @@ impl Backplane {
     ) {
         let events = &self.inner.events;
         if !self.connected() {
-            events.dropped(ROOMS, DropReason::BackplaneUnavailable, 1);
+            events.dropped(self.inner.route, DropReason::BackplaneUnavailable, 1);
             return;
         }
         let (payload, kind) = match msg {
@@ -242,9 +236,9 @@ impl Backplane {
                     async_nats::client::PublishErrorKind::InvalidSubject => "invalid_subject",
                     _ => "send",
                 });
-                events.dropped(ROOMS, DropReason::BackplaneUnavailable, 1);
+                events.dropped(self.inner.route, DropReason::BackplaneUnavailable, 1);
             }
-            None => events.dropped(ROOMS, DropReason::BackplaneFull, 1),
+            None => events.dropped(self.inner.route, DropReason::BackplaneFull, 1),
         }
     }
 

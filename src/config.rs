@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgGroup, Parser, ValueEnum};
+pub use crate::telemetry::logging::LogFormat;
+use clap::{ArgGroup, Parser};
 
 use crate::auth::{AuthSettings, KeySource};
 use crate::sources::IpNet;
@@ -168,15 +169,6 @@ pub struct Config {
     /// Authentication: the `iss` every token must carry.
     #[arg(long, env = "WSOTEL_AUTH_ISSUER")]
     pub auth_issuer: Option<String>,
-}
-
-/// How log lines are written to stdout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 impl Config {

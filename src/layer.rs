@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::http::header;
 use axum::response::Response;
 use futures_util::future::BoxFuture;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -67,9 +67,8 @@ pub(crate) struct Shared {
     pub(crate) spans: Option<Arc<Spans>>,
     /// Cancelled by [`WebSockets::shutdown`].
     pub(crate) shutdown: CancellationToken,
-    /// One permit per open connection, held from the upgrade to the end of its task.
-    pub(crate) slots: Arc<Semaphore>,
-    pub(crate) max_connections: u32,
+    /// The open connections against `max_connections`.
+    pub(crate) gate: Arc<Gate>,
     pub(crate) next_id: AtomicU64,
     /// Lower-cased, without a trailing `/`.
     pub(crate) allowed_origins: Vec<String>,
@@ -78,6 +77,60 @@ pub(crate) struct Shared {
     pub(crate) ping_interval: Duration,
     pub(crate) pong_timeout: Duration,
     pub(crate) write_timeout: Duration,
+}
+
+/// The open connections against the connection limit, and the shutdown flag the connections
+/// check before every write.
+pub(crate) struct Gate {
+    open: AtomicUsize,
+    max: usize,
+    /// Woken when the last connection closes.
+    idle: Notify,
+    /// Set by [`WebSockets::shutdown`] (before the token is cancelled).
+    stopping: AtomicBool,
+}
+
+impl Gate {
+    /// A place for one more connection, if the limit allows.
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<GateSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| GateSlot(self.clone()))
+    }
+
+    async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// One open connection's place in the [`Gate`], given back when dropped.
+pub(crate) struct GateSlot(Arc<Gate>);
+
+impl GateSlot {
+    /// Whether the server is shutting down (one load, cheap enough for every write).
+    #[inline]
+    pub(crate) fn stopping(&self) -> bool {
+        self.0.stopping.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for GateSlot {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// Builds [`WebSockets`]; every setting has the `wsotel` server's default.
@@ -126,6 +179,10 @@ impl WebSockets {
     /// is closed with 1001 (its closing handshake awaited) at its next read or write. Wait for
     /// them with [`WebSockets::drained`].
     pub fn shutdown(&self) {
+        self.shared
+            .gate
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         self.shared.shutdown.cancel();
     }
 
@@ -136,17 +193,16 @@ impl WebSockets {
 
     /// Connections open right now (upgraded and not yet finished).
     pub fn open_connections(&self) -> usize {
-        self.shared.max_connections as usize - self.shared.slots.available_permits()
+        self.shared
+            .gate
+            .open
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Waits until every connection has finished.
+    /// Waits until no connection is open (each is counted until its `WebSocket` is dropped,
+    /// wherever the application moved it).
     pub async fn drained(&self) {
-        // The semaphore is never closed, so this only returns once every permit is back.
-        let _ = self
-            .shared
-            .slots
-            .acquire_many(self.shared.max_connections)
-            .await;
+        self.shared.gate.drained().await
     }
 
     /// Refuses a request to a WebSocket route before [`WebSocketUpgrade`](crate::WebSocketUpgrade)
@@ -259,7 +315,6 @@ impl WebSocketsBuilder {
         let socket_config = tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(READ_BUFFER)
             .write_buffer_size(WRITE_BUFFER)
-            .max_write_buffer_size(WRITE_BUFFER + 2 * max + 1024)
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
         let sources = self.sources.unwrap_or_else(|| {
@@ -276,8 +331,12 @@ impl WebSocketsBuilder {
                 events: self.events,
                 spans: self.spans,
                 shutdown: CancellationToken::new(),
-                slots: Arc::new(Semaphore::new(self.max_connections as usize)),
-                max_connections: self.max_connections,
+                gate: Arc::new(Gate {
+                    open: AtomicUsize::new(0),
+                    max: self.max_connections as usize,
+                    idle: Notify::new(),
+                    stopping: AtomicBool::new(false),
+                }),
                 next_id: AtomicU64::new(1),
                 allowed_origins: self
                     .allowed_origins

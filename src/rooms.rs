@@ -17,8 +17,7 @@ use tungstenite::Message;
 
 use crate::backplane::{Backplane, LocalDelivery, RemoteInterest};
 use crate::connection::Closer;
-use crate::routes::ROOMS;
-use crate::telemetry::{CloseReason, DropReason, Events};
+use crate::telemetry::{CloseReason, DropReason, Events, Route};
 
 /// Longest room name accepted.
 pub const MAX_ROOM_NAME: usize = 64;
@@ -36,6 +35,8 @@ pub fn valid_room_name(name: &str) -> bool {
 pub struct Rooms {
     inner: Arc<Mutex<HashMap<String, Arc<Room>>>>,
     events: Events,
+    /// The route room members come in on: what dropped messages are counted under.
+    route: Route,
     backplane: Option<Backplane>,
 }
 
@@ -51,7 +52,7 @@ struct Room {
 impl Room {
     /// Queues `msg` for every member but `except`; a full queue drops it (counted) and kicks
     /// that member.
-    fn queue(&self, msg: &Message, except: Option<u64>, events: &Events) -> Delivery {
+    fn queue(&self, msg: &Message, except: Option<u64>, events: &Events, route: Route) -> Delivery {
         let mut delivery = Delivery::default();
         let members = self.members.read().expect("room lock poisoned");
         for m in members.iter().filter(|m| Some(m.id) != except) {
@@ -66,7 +67,7 @@ impl Room {
             }
         }
         drop(members);
-        events.dropped(ROOMS, DropReason::SlowConsumer, delivery.dropped as u64);
+        events.dropped(route, DropReason::SlowConsumer, delivery.dropped as u64);
         delivery
     }
 }
@@ -75,12 +76,13 @@ impl Room {
 struct RemoteDelivery {
     room: Weak<Room>,
     events: Events,
+    route: Route,
 }
 
 impl LocalDelivery for RemoteDelivery {
     fn deliver(&self, _room: &str, msg: &Message) -> usize {
         match self.room.upgrade() {
-            Some(room) => room.queue(msg, None, &self.events).queued,
+            Some(room) => room.queue(msg, None, &self.events, self.route).queued,
             None => 0,
         }
     }
@@ -166,10 +168,11 @@ pub struct Delivery {
 impl Rooms {
     /// An empty registry that reports room counts and drops through `events`; with a
     /// backplane, rooms span instances.
-    pub fn new(events: Events, backplane: Option<Backplane>) -> Self {
+    pub fn new(events: Events, route: Route, backplane: Option<Backplane>) -> Self {
         Rooms {
             inner: Arc::default(),
             events,
+            route,
             backplane,
         }
     }
@@ -210,6 +213,7 @@ impl Rooms {
                     let local = Arc::new(RemoteDelivery {
                         room: Arc::downgrade(&room),
                         events: self.events.clone(),
+                        route: self.route,
                     });
                     let _ = room.remote.set(bp.subscribe(name, local));
                 }
@@ -223,7 +227,8 @@ impl Membership {
     /// Queues `msg` for every other member without waiting. A member whose queue is full
     /// loses this message (counted as dropped, reason `slow_consumer`) and is kicked.
     pub fn broadcast(&self, msg: &Message) -> Delivery {
-        self.room.queue(msg, Some(self.id), &self.rooms.events)
+        self.room
+            .queue(msg, Some(self.id), &self.rooms.events, self.rooms.route)
     }
 
     /// The backplane and the room's subject on it, when rooms span instances: the connection

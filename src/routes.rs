@@ -21,7 +21,7 @@ use crate::connection::WebSocket;
 use crate::layer::WebSockets;
 use crate::rooms::{Reservation, Rooms, valid_room_name};
 use crate::sources::Sources;
-use crate::telemetry::{CloseReason, RejectReason, Route, Spans};
+use crate::telemetry::{CloseReason, DropReason, RejectReason, Route, Spans};
 use crate::upgrade::WebSocketUpgrade;
 use tungstenite::Message;
 
@@ -116,6 +116,11 @@ async fn room(
         Err(refused) => return refused,
     };
     let may_publish = grant.as_ref().is_none_or(|g| g.may_publish(&name));
+    // The limits first: a client over them costs no room and no NATS subscription.
+    let ws = match ws.admit() {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
     let client = ws.client_addr();
     // With a backplane this waits until NATS has the room's subscription (bounded), so the
     // member hears other instances from the moment it gets its 101.
@@ -169,6 +174,8 @@ fn authorize(
     uri: &Uri,
     room: Option<&str>,
 ) -> Result<(WebSocketUpgrade, Option<Grant>), Response> {
+    // The token carrier `wsotel.bearer, <token>` is the one subprotocol the routes speak.
+    let ws = ws.protocols([crate::auth::BEARER_PROTOCOL]);
     let Some(auth) = &state.inner.auth else {
         return Ok((ws, None));
     };
@@ -265,7 +272,7 @@ impl Member {
         while rx.try_recv().is_ok() {
             undelivered += 1;
         }
-        ws.dropped(undelivered);
+        ws.dropped(DropReason::ConnectionClosed, undelivered);
     }
 }
 

@@ -106,7 +106,7 @@ pub async fn run(
         None => None,
         Some(settings) => {
             let spans = telemetry.spans().cloned().map(Arc::new);
-            let bp = Backplane::start(&settings, events.clone(), spans)
+            let bp = Backplane::start(&settings, events.clone(), routes::ROOMS, spans)
                 .await
                 .map_err(ServerError::Config)?;
             tracing::info!(
@@ -130,7 +130,7 @@ pub async fn run(
         .route(routes::ROOMS.as_str())
         .build();
     let state = ServerState::new(
-        Rooms::new(events.clone(), backplane.clone()),
+        Rooms::new(events.clone(), routes::ROOMS, backplane.clone()),
         auth,
         sources.clone(),
         telemetry.spans().cloned().map(Arc::new),

@@ -24,12 +24,16 @@ use std::sync::atomic::Ordering;
 
 use axum::extract::MatchedPath;
 use futures_util::FutureExt;
+use futures_util::future::lazy;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::connection::{Setup, WebSocket};
-use crate::layer::{UNKNOWN_PEER, WebSockets, origin_allowed, peer_of};
+use crate::layer::{GateSlot, UNKNOWN_PEER, WebSockets, origin_allowed, peer_of};
 use crate::telemetry::{Events, Identity, MoreIdentity, RejectReason, Route, RouteInstruments};
 use crate::wire::Watched;
+
+/// Most subprotocols of a request looked at (the header is client input).
+const MAX_OFFERED_PROTOCOLS: usize = 16;
 
 /// An upgraded connection: tungstenite over the watched TCP stream.
 pub type Socket = WebSocketStream<Watched<TokioIo<Upgraded>>>;
@@ -38,9 +42,9 @@ pub type Socket = WebSocketStream<Watched<TokioIo<Upgraded>>>;
 pub(crate) struct UpgradeRequest {
     key: HeaderValue,
     on_upgrade: OnUpgrade,
-    /// The subprotocol the 101 names: only `wsotel.bearer`, when the client carries its token
-    /// that way.
-    protocol: Option<HeaderValue>,
+    /// The subprotocols the client offered (`Sec-WebSocket-Protocol`), in its order of
+    /// preference.
+    offered: Vec<String>,
 }
 
 /// Why a request is not an upgrade this server accepts.
@@ -56,10 +60,6 @@ pub enum UpgradeError {
     MissingKey,
     /// The connection cannot be upgraded (not HTTP/1.1) (426).
     NotUpgradable,
-    /// The client asked for a subprotocol (`Sec-WebSocket-Protocol`) other than the token
-    /// carrier `wsotel.bearer, <token>`; the server speaks none, and a 101 without one makes a
-    /// browser abort at once, so it is refused (400) where it can be counted and logged.
-    UnsupportedSubprotocol,
 }
 
 impl UpgradeError {
@@ -70,18 +70,13 @@ impl UpgradeError {
             UpgradeError::UnsupportedVersion | UpgradeError::NotUpgradable => {
                 StatusCode::UPGRADE_REQUIRED
             }
-            UpgradeError::NotAnUpgrade
-            | UpgradeError::MissingKey
-            | UpgradeError::UnsupportedSubprotocol => StatusCode::BAD_REQUEST,
+            UpgradeError::NotAnUpgrade | UpgradeError::MissingKey => StatusCode::BAD_REQUEST,
         }
     }
 
     /// The bounded `error.type` it is counted under.
     pub fn reason(self) -> RejectReason {
-        match self {
-            UpgradeError::UnsupportedSubprotocol => RejectReason::UnsupportedSubprotocol,
-            _ => RejectReason::BadRequest,
-        }
+        RejectReason::BadRequest
     }
 
     /// Headers the answer must carry: a 426 for the version names the one the server speaks
@@ -129,13 +124,14 @@ impl<S: Send + Sync> FromRequestParts<S> for UpgradeRequest {
             .get(header::SEC_WEBSOCKET_KEY)
             .ok_or(UpgradeError::MissingKey)?
             .clone();
-        let protocol = match h.get_all(header::SEC_WEBSOCKET_PROTOCOL).iter().count() {
-            0 => None,
-            1 if crate::auth::subprotocol_token(h).is_some() => {
-                Some(HeaderValue::from_static(crate::auth::BEARER_PROTOCOL))
-            }
-            _ => return Err(UpgradeError::UnsupportedSubprotocol),
-        };
+        let offered = h
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("\u{fffd}").split(','))
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .take(MAX_OFFERED_PROTOCOLS)
+            .collect();
         let on_upgrade = parts
             .extensions
             .remove::<OnUpgrade>()
@@ -143,7 +139,7 @@ impl<S: Send + Sync> FromRequestParts<S> for UpgradeRequest {
         Ok(UpgradeRequest {
             key,
             on_upgrade,
-            protocol,
+            offered,
         })
     }
 }
@@ -152,15 +148,18 @@ impl UpgradeRequest {
     /// Answers 101 Switching Protocols and, once hyper hands the connection over, runs
     /// `on_socket` with it on a task of its own. If the upgrade fails after the 101 (the client
     /// went away), `on_socket` never runs and is dropped.
-    pub(crate) fn accept<F, Fut>(self, config: WebSocketConfig, on_socket: F) -> Response
+    pub(crate) fn accept<F, Fut>(
+        self,
+        config: WebSocketConfig,
+        protocol: Option<&'static str>,
+        on_socket: F,
+    ) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let UpgradeRequest {
-            key,
-            on_upgrade,
-            protocol,
+            key, on_upgrade, ..
         } = self;
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
@@ -188,9 +187,10 @@ impl UpgradeRequest {
         )
             .into_response();
         if let Some(protocol) = protocol {
-            response
-                .headers_mut()
-                .insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_PROTOCOL,
+                HeaderValue::from_static(protocol),
+            );
         }
         response
     }
@@ -247,6 +247,16 @@ pub struct WebSocketUpgrade {
     room: Option<String>,
     operation: Option<&'static str>,
     expires_at: Option<std::time::Instant>,
+    /// The subprotocol chosen by [`WebSocketUpgrade::protocols`].
+    protocol: Option<&'static str>,
+    /// The connection's places under the limits, once [`WebSocketUpgrade::admit`] has run.
+    admitted: Option<Admitted>,
+}
+
+/// A connection's places under the connection limit and its address's.
+struct Admitted {
+    slot: GateSlot,
+    source: Option<crate::sources::OpenSlot>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
@@ -304,6 +314,8 @@ impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
             room: None,
             operation: None,
             expires_at: None,
+            protocol: None,
+            admitted: None,
         })
     }
 }
@@ -360,37 +372,86 @@ impl WebSocketUpgrade {
         )
     }
 
-    /// Admits the connection and answers `101 Switching Protocols`; once the client has it,
-    /// `handler` runs with the [`WebSocket`] on a task of its own. Refused with 429 when the
-    /// client address is over its connection limit or serving a rate-limit penalty, and 503
-    /// at the connection limit.
-    ///
-    /// A panic in `handler` ends only its connection: Close 1011 (best effort), reason
-    /// `internal_error`, counted in `errors{error.type=panic}` and logged; the
-    /// connection's slot is released.
-    pub fn on_upgrade<F, Fut>(self, handler: F) -> Response
+    /// The subprotocols the route speaks: the first the client offers (in its order of
+    /// preference) is named in the `101`. A request offering subprotocols of which the route
+    /// speaks none is refused with 400 (`unsupported_subprotocol`), counted, where a `101`
+    /// without one would make a browser abort the connection unseen.
+    pub fn protocols<I>(mut self, supported: I) -> Self
     where
-        F: FnOnce(WebSocket) -> Fut + Send + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        I: IntoIterator<Item = &'static str>,
     {
+        let supported: Vec<&'static str> = supported.into_iter().collect();
+        self.protocol = self
+            .request
+            .offered
+            .iter()
+            .find_map(|p| supported.iter().copied().find(|s| s == p));
+        self
+    }
+
+    /// The subprotocol the `101` will name, when one was agreed.
+    pub fn protocol(&self) -> Option<&'static str> {
+        self.protocol
+    }
+
+    /// Takes the connection's places under the limits now, before the handler does more work
+    /// for it (the server reserves a room, a NATS subscription, only after this): refused with
+    /// 429 when the client address is over its connection limit or serving a rate-limit
+    /// penalty, 503 at the connection limit. [`on_upgrade`](WebSocketUpgrade::on_upgrade) does
+    /// it when it has not been done.
+    #[allow(clippy::result_large_err)] // the refusal is the response, answered at once
+    pub fn admit(mut self) -> Result<Self, Response> {
+        if self.admitted.is_some() {
+            return Ok(self);
+        }
+        if self.protocol.is_none() && !self.request.offered.is_empty() {
+            return Err(self.reject(
+                RejectReason::UnsupportedSubprotocol,
+                StatusCode::BAD_REQUEST,
+            ));
+        }
         let s = &self.sockets.shared;
-        let route = self.instruments.route();
         let source = if self.peer == UNKNOWN_PEER {
             None
         } else {
             match s.sources.open(self.client) {
                 Ok(slot) => Some(slot),
                 Err(refused) => {
-                    return self.reject(refused.reason(), StatusCode::TOO_MANY_REQUESTS);
+                    return Err(self.reject(refused.reason(), StatusCode::TOO_MANY_REQUESTS));
                 }
             }
         };
-        let Ok(permit) = s.slots.clone().try_acquire_owned() else {
-            return self.reject(
+        let Some(slot) = s.gate.enter() else {
+            return Err(self.reject(
                 RejectReason::ConnectionLimit,
                 StatusCode::SERVICE_UNAVAILABLE,
-            );
+            ));
         };
+        self.admitted = Some(Admitted { slot, source });
+        Ok(self)
+    }
+
+    /// Admits the connection (see [`admit`](WebSocketUpgrade::admit)) and answers
+    /// `101 Switching Protocols`; once the client has it, `handler` runs with the [`WebSocket`]
+    /// on a task of its own. The connection counts under the limits until its `WebSocket` is
+    /// dropped, wherever the handler moves it.
+    ///
+    /// A panic in `handler` ends only its connection: Close 1011 (best effort), reason
+    /// `internal_error`, counted in `errors{error.type=panic}` and logged with the connection
+    /// span's ids.
+    pub fn on_upgrade<F, Fut>(self, handler: F) -> Response
+    where
+        F: FnOnce(WebSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut this = match self.admit() {
+            Ok(admitted) => admitted,
+            Err(refused) => return refused,
+        };
+        let Admitted { slot, source } = this.admitted.take().expect("admitted above");
+        let this = this;
+        let s = &this.sockets.shared;
+        let route = this.instruments.route();
         let id = s.next_id.fetch_add(1, Ordering::Relaxed);
         // Made here, inside the upgrade span, so the connection span is its child.
         let span = s.spans.as_ref().map(|spans| {
@@ -398,71 +459,54 @@ impl WebSocketUpgrade {
                 &tracing::Span::current().context(),
                 id,
                 route,
-                self.room.as_deref(),
+                this.room.as_deref(),
             ))
         });
-        let more = (self.client != self.peer.ip() || self.user.is_some() || self.room.is_some())
+        let more = (this.client != this.peer.ip() || this.user.is_some() || this.room.is_some())
             .then(|| {
                 Box::new(MoreIdentity {
-                    client: (self.client != self.peer.ip()).then_some(self.client),
-                    user: self.user,
-                    room: self.room,
+                    client: (this.client != this.peer.ip()).then_some(this.client),
+                    user: this.user,
+                    room: this.room,
                 })
             });
-        let events = s.events.clone();
-        let pending = Box::new(Pending {
-            setup: Setup {
-                events: s.events.clone(),
-                instruments: self.instruments,
-                who: Identity {
-                    id,
-                    route,
-                    peer: self.peer,
-                    more,
-                },
-                span,
-                spans: s.spans.clone(),
-                operation: self.operation,
-                shutdown: s.shutdown.clone(),
-                ping_interval: s.ping_interval,
-                pong_timeout: s.pong_timeout,
-                write_timeout: s.write_timeout,
-                expires_at: self.expires_at.map(tokio::time::Instant::from_std),
+        let setup = Box::new(Setup {
+            events: s.events.clone(),
+            instruments: this.instruments,
+            who: Identity {
+                id,
+                route,
+                peer: this.peer,
+                more,
             },
-            permit,
+            span,
+            spans: s.spans.clone(),
+            operation: this.operation,
+            shutdown: s.shutdown.clone(),
+            ping_interval: s.ping_interval,
+            pong_timeout: s.pong_timeout,
+            write_timeout: s.write_timeout,
+            expires_at: this.expires_at.map(tokio::time::Instant::from_std),
+            slot,
             source,
         });
-        self.request.accept(s.socket_config, move |socket| {
-            let Pending {
-                setup,
-                permit,
-                source,
-            } = *pending;
-            let fut = handler(WebSocket::new(socket, setup));
-            AssertUnwindSafe(fut).catch_unwind().map(move |outcome| {
-                if let Err(panic) = outcome {
-                    events.panicked(
-                        route,
-                        id,
-                        crate::telemetry::logging::panic_message(&*panic),
-                        None,
-                    );
-                }
-                drop(permit);
-                drop(source);
+        let events = s.events.clone();
+        this.request
+            .accept(s.socket_config, this.protocol, move |socket| {
+                // The handler is called inside the guard too (lazily, at the first poll): a panic
+                // in its synchronous part is contained and counted like one in its future.
+                let handled = lazy(move |_| handler(WebSocket::new(socket, *setup))).flatten();
+                AssertUnwindSafe(handled)
+                    .catch_unwind()
+                    .map(move |outcome| {
+                        if let Err(panic) = outcome {
+                            let message = crate::telemetry::logging::panic_message(&*panic);
+                            let span = crate::connection::panicked_span();
+                            events.panicked(route, id, message, span.as_ref());
+                        }
+                    })
             })
-        })
     }
-}
-
-/// What a connection needs once upgraded, in one allocation (freed when it starts): the
-/// upgrade task holds it while the client has not taken the 101 yet.
-struct Pending {
-    setup: Setup,
-    /// The connection's slot, released when its task ends.
-    permit: tokio::sync::OwnedSemaphorePermit,
-    /// Its place in its client address's count, released with it.
-    source: Option<crate::sources::OpenSlot>,
 }
 
 /// Counts and logs a refused upgrade and answers it; the reason also travels with the
@@ -523,9 +567,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             parse(sub).await.err(),
-            Some(UpgradeError::UnsupportedSubprotocol)
+            Some(UpgradeError::NotUpgradable),
+            "subprotocols are the route's to choose (valid up to the upgrade handle)"
         );
-        // The token carrier is the one subprotocol spoken (valid up to the upgrade handle).
         let bearer = upgrade()
             .header("sec-websocket-protocol", "wsotel.bearer, a.b.c")
             .body(())

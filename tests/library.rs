@@ -379,3 +379,131 @@ async fn a_client_that_stops_answering_pings_is_cut_and_the_round_trips_are_meas
     assert_eq!(sum(&m, "websocket_server_active_connections", r, &[]), 0.0);
     assert_eq!(closed(&m, r, "normal", "client"), 1.0);
 }
+
+#[tokio::test]
+async fn a_handler_that_only_sends_sees_the_shutdown_at_its_next_write() {
+    async fn ticker(ws: WebSocketUpgrade) -> Response {
+        ws.on_upgrade(|mut socket| async move {
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                if socket.send(Message::text(n.to_string())).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            // The write that saw the shutdown ended the connection; `recv` finishes the close.
+            assert!(socket.recv().await.is_none());
+        })
+    }
+    let app = App::serve(|b| b, Router::new().route("/ticker", get(ticker))).await;
+    let mut client = connect(&app.url("/ticker")).await;
+    assert_eq!(next_data(&mut client).await, ClientMessage::text("1"));
+    app.sockets.shutdown();
+    assert_eq!(close_code(&mut client).await, Some(1001));
+    tokio::time::timeout(Duration::from_secs(5), app.sockets.drained())
+        .await
+        .expect("drained: the sender saw the shutdown");
+    let m = app.metrics();
+    let r = "/ticker";
+    assert_eq!(closed(&m, r, "server_shutdown", "server"), 1.0);
+    let sent = sum(
+        &m,
+        "websocket_server_messages_total",
+        r,
+        &[
+            ("network_io_direction", "transmit"),
+            ("websocket_message_type", "text"),
+        ],
+    );
+    assert!(sent >= 1.0, "{sent}");
+    assert_eq!(
+        sum(
+            &m,
+            "websocket_server_dropped_messages_total",
+            r,
+            &[("reason", "connection_closed")]
+        ),
+        1.0,
+        "the tick refused by the shutdown"
+    );
+}
+
+#[tokio::test]
+async fn subprotocols_are_the_routes_to_choose() {
+    async fn graphql(ws: WebSocketUpgrade) -> Response {
+        let ws = ws.protocols(["graphql-transport-ws", "graphql-ws"]);
+        let chosen = ws.protocol().unwrap_or("none");
+        ws.on_upgrade(move |mut socket| async move {
+            let _ = socket.send(Message::text(chosen)).await;
+            while socket.recv().await.is_some() {}
+        })
+    }
+    let app = App::serve(|b| b, Router::new().route("/graphql", get(graphql))).await;
+    let offer = |protocols: &str| {
+        let mut r = app.url("/graphql").into_client_request().unwrap();
+        r.headers_mut()
+            .insert("sec-websocket-protocol", protocols.parse().unwrap());
+        r
+    };
+    // The client's first choice among those the route speaks is named in the 101.
+    let (mut ws, response) =
+        tokio_tungstenite::connect_async(offer("mqtt, graphql-ws, graphql-transport-ws"))
+            .await
+            .unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "graphql-ws");
+    assert_eq!(next_data(&mut ws).await, ClientMessage::text("graphql-ws"));
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    // None that the route speaks: 400, counted.
+    assert_eq!(refused_status(offer("mqtt")).await, 400);
+    // None offered: none named.
+    let mut plain = connect(&app.url("/graphql")).await;
+    assert_eq!(next_data(&mut plain).await, ClientMessage::text("none"));
+    let m = app.metrics();
+    assert_eq!(
+        sum(
+            &m,
+            "websocket_server_rejected_connections_total",
+            "/graphql",
+            &[("error_type", "unsupported_subprotocol")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_socket_moved_to_another_task_is_counted_until_it_is_dropped() {
+    async fn handoff(ws: WebSocketUpgrade) -> Response {
+        ws.on_upgrade(|socket| async move {
+            // The handler returns at once; the connection lives on in another task.
+            tokio::spawn(async move {
+                let mut socket = socket;
+                while let Some(msg) = socket.recv().await {
+                    let _ = socket.send(msg).await;
+                }
+            });
+        })
+    }
+    let app = App::serve(
+        |b| b.max_connections(1),
+        Router::new().route("/handoff", get(handoff)),
+    )
+    .await;
+    let mut first = connect(&app.url("/handoff")).await;
+    first.send(ClientMessage::text("ping")).await.unwrap();
+    assert_eq!(next_data(&mut first).await, ClientMessage::text("ping"));
+    assert_eq!(app.sockets.open_connections(), 1);
+    assert_eq!(
+        refused_status(app.url("/handoff")).await,
+        503,
+        "the limit still counts it"
+    );
+    first.close(None).await.unwrap();
+    while let Some(Ok(_)) = first.next().await {}
+    let m = app.idle().await;
+    assert_eq!(closed(&m, "/handoff", "normal", "client"), 1.0);
+    let mut second = connect(&app.url("/handoff")).await;
+    second.send(ClientMessage::text("again")).await.unwrap();
+    assert_eq!(next_data(&mut second).await, ClientMessage::text("again"));
+}

@@ -69,6 +69,24 @@ impl Ending {
         }
     }
 
+    /// The server closes with `code`, which the application chose: its reason is the code's
+    /// (as for a client's), its text the one [`close_frame`] has for that reason when the code
+    /// is that reason's, else none.
+    pub(crate) fn server_closes_with_code(code: u16) -> Self {
+        let reason = CloseReason::from_client_code(Some(code));
+        let text = close_frame(reason)
+            .filter(|(c, _)| *c == code)
+            .map_or("", |(_, text)| text);
+        Ending {
+            closed: Closed {
+                reason,
+                initiator: CloseInitiator::Server,
+                code: Some(code),
+            },
+            close: Some((code, text)),
+        }
+    }
+
     /// The server closes for `reason`, with the Close frame [`close_frame`] gives it (cut
     /// without one for reasons that have none).
     pub(crate) fn server_closes(reason: CloseReason) -> Self {

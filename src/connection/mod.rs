@@ -25,6 +25,8 @@ use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::layer::GateSlot;
+use crate::sources::OpenSlot;
 use crate::telemetry::traces::Handling;
 use crate::telemetry::{
     CloseReason, ConnectionGuard, Direction, DropReason, ErrorType, Events, Identity, MessageType,
@@ -165,6 +167,11 @@ struct Connection {
     phase: Phase,
     /// How the connection ended, once it has.
     ending: Option<Ending>,
+    /// Released when the connection is dropped (after its end is recorded), wherever the
+    /// application moved its `WebSocket`: the limits count connections, not handler tasks.
+    slot: GateSlot,
+    /// Held for its drop: the connection's place in its client address's count.
+    _source: Option<OpenSlot>,
 }
 
 /// What the upgrade hands a new connection.
@@ -180,6 +187,10 @@ pub(crate) struct Setup {
     pub(crate) pong_timeout: Duration,
     pub(crate) write_timeout: Duration,
     pub(crate) expires_at: Option<Instant>,
+    /// The connection's place under the connection limit (and the shutdown flag).
+    pub(crate) slot: GateSlot,
+    /// Its place in its client address's count.
+    pub(crate) source: Option<OpenSlot>,
 }
 
 impl WebSocket {
@@ -294,11 +305,11 @@ impl WebSocket {
         self.conn.message_span()
     }
 
-    /// `count` messages meant for this connection will never be sent (counted in
-    /// `websocket.server.dropped_messages{reason=connection_closed}`): what was still queued
-    /// for it when it closed.
-    pub fn dropped(&self, count: u64) {
-        self.conn.dropped(count)
+    /// `count` messages meant for this connection will never be sent, for `reason`
+    /// (`websocket.server.dropped_messages`): what was still queued for it when it closed
+    /// (`ConnectionClosed`), or what it fell too far behind to get (`SlowConsumer`).
+    pub fn dropped(&self, reason: DropReason, count: u64) {
+        self.conn.dropped(reason, count)
     }
 }
 
@@ -317,6 +328,8 @@ impl Connection {
             pong_timeout,
             write_timeout,
             expires_at,
+            slot,
+            source,
         } = setup;
         let guard = events.connection_opened(instruments);
         events.connection_logged_open(&who, span.as_deref().map(|s| s.span_context()));
@@ -340,6 +353,8 @@ impl Connection {
             handled: None,
             phase: Phase::Open,
             ending: None,
+            slot,
+            _source: source,
         }
     }
 
@@ -398,14 +413,7 @@ impl Connection {
                 }
                 Event::Incoming(None) => self.end(Ending::client_gone(CloseReason::ClientAborted)),
                 Event::Stop => {
-                    let reason = if self.shutdown.is_cancelled() {
-                        CloseReason::ServerShutdown
-                    } else {
-                        self.closer
-                            .as_ref()
-                            .and_then(|c| c.reason.get().copied())
-                            .unwrap_or(CloseReason::Normal)
-                    };
+                    let reason = self.stop_requested().unwrap_or(CloseReason::Normal);
                     self.close_for(reason);
                 }
                 // Boxed: rare, and the future of every connection is as large as its largest await.
@@ -450,11 +458,22 @@ impl Connection {
     }
 
     pub(crate) async fn feed(&mut self, msg: Message) -> Result<(), ConnectionClosed> {
+        if self.phase == Phase::Open
+            && let Some(reason) = self.stop_requested()
+        {
+            self.close_for(reason);
+        }
         if self.phase != Phase::Open {
-            self.guard
-                .events()
-                .dropped(self.who.route, DropReason::ConnectionClosed, 1);
+            self.dropped(DropReason::ConnectionClosed, 1);
             return Err(ConnectionClosed);
+        }
+        if let Message::Close(frame) = &msg {
+            // A Close is the server closing: the closing handshake is `recv`'s (or Drop's).
+            let code = frame
+                .as_ref()
+                .map_or(close_code::NORMAL, |f| u16::from(f.code));
+            self.end(Ending::server_closes_with_code(code));
+            return Ok(());
         }
         let (kind, len) = kind_and_len(&msg);
         let stop = self.closer.as_ref().map_or(&self.shutdown, |c| &c.token);
@@ -467,8 +486,10 @@ impl Connection {
                 self.guard
                     .instruments()
                     .message(Direction::Transmit, kind, len);
-                self.totals.messages_sent += 1;
-                self.totals.bytes_sent += len as u64;
+                if kind.is_data() {
+                    self.totals.messages_sent += 1;
+                    self.totals.bytes_sent += len as u64;
+                }
                 self.batching.unflushed = true;
                 Ok(())
             }
@@ -478,15 +499,15 @@ impl Connection {
                 Err(ConnectionClosed)
             }
             Written::Stopped => {
-                self.guard
-                    .events()
-                    .dropped(self.who.route, DropReason::ConnectionClosed, 1);
-                Ok(())
+                // Closed while the socket had no room for it: lost.
+                self.dropped(DropReason::ConnectionClosed, 1);
+                if let Some(reason) = self.stop_requested() {
+                    self.close_for(reason);
+                }
+                Err(ConnectionClosed)
             }
             Written::TimedOut(reason) => {
-                self.guard
-                    .events()
-                    .dropped(self.who.route, DropReason::ConnectionClosed, 1);
+                self.dropped(DropReason::ConnectionClosed, 1);
                 self.timed_out(reason);
                 Err(ConnectionClosed)
             }
@@ -494,17 +515,31 @@ impl Connection {
     }
 
     pub(crate) async fn flush(&mut self) -> Result<(), ConnectionClosed> {
+        if self.phase == Phase::Open
+            && let Some(reason) = self.stop_requested()
+        {
+            self.close_for(reason);
+        }
         if self.phase != Phase::Open {
             return Err(ConnectionClosed);
         }
-        self.batching.unflushed = false;
         let stop = self.closer.as_ref().map_or(&self.shutdown, |c| &c.token);
         let bound = WriteBound {
             timeout: self.write_timeout,
             heartbeat: &self.heartbeat,
         };
         match write(stop, bound, self.socket.flush()).await {
-            Written::Done(Ok(())) | Written::Stopped => Ok(()),
+            Written::Done(Ok(())) => {
+                // Only now: a flush abandoned half way (a cancelled `recv`) is tried again.
+                self.batching.unflushed = false;
+                Ok(())
+            }
+            Written::Stopped => {
+                if let Some(reason) = self.stop_requested() {
+                    self.close_for(reason);
+                }
+                Err(ConnectionClosed)
+            }
             Written::Done(Err(err)) => {
                 let ending = self.classify(&err);
                 self.end(ending);
@@ -515,6 +550,15 @@ impl Connection {
                 Err(ConnectionClosed)
             }
         }
+    }
+
+    /// Why the connection has been told to stop, if it has: the server's shutdown (one
+    /// atomic load), or a [`Closer`]'s reason.
+    fn stop_requested(&self) -> Option<CloseReason> {
+        if self.slot.stopping() {
+            return Some(CloseReason::ServerShutdown);
+        }
+        self.closer.as_ref().and_then(|c| c.reason.get().copied())
     }
 
     pub(crate) fn should_feed(&mut self) -> bool {
@@ -542,10 +586,8 @@ impl Connection {
         self.record_message_span(&h)
     }
 
-    pub(crate) fn dropped(&self, count: u64) {
-        self.guard
-            .events()
-            .dropped(self.who.route, DropReason::ConnectionClosed, count);
+    pub(crate) fn dropped(&self, reason: DropReason, count: u64) {
+        self.guard.events().dropped(self.who.route, reason, count);
     }
 
     /// Waits for what happens next. With replies fed and not written, input already waiting is
@@ -644,14 +686,19 @@ impl Connection {
             heartbeat: &self.heartbeat,
         };
         let ping = Message::Ping(payload.to_vec().into());
-        // Boxed, like every rare await here: the connection's future is as large as its
-        // largest await, and every idle connection pays for it.
-        match Box::pin(write(stop, bound, self.socket.send(ping))).await {
-            Written::Done(Ok(())) => self.guard.instruments().message(
-                Direction::Transmit,
-                MessageType::Ping,
-                payload.len(),
-            ),
+        // Fed, counted, then written: a `recv` cancelled during the write has still sent (and
+        // counted) the ping, and the next write or `recv` finishes it. Boxed, like every rare
+        // await here: the connection's future is as large as its largest await.
+        match Box::pin(write(stop, bound, self.socket.feed(ping))).await {
+            Written::Done(Ok(())) => {
+                self.guard.instruments().message(
+                    Direction::Transmit,
+                    MessageType::Ping,
+                    payload.len(),
+                );
+                self.batching.unflushed = true;
+                let _ = Box::pin(self.flush()).await;
+            }
             Written::Done(Err(err)) => {
                 let ending = self.classify(&err);
                 self.end(ending);
@@ -866,13 +913,22 @@ impl Drop for Connection {
     /// written if the socket takes it at once, and no reply is awaited.
     fn drop(&mut self) {
         self.end_handling();
+        let panicking = std::thread::panicking();
+        if panicking {
+            let span = self.span_context().cloned();
+            PANICKED.with(|p| *p.borrow_mut() = span);
+        }
         if self.phase == Phase::Open {
-            let reason = if std::thread::panicking() {
+            let reason = if panicking {
                 CloseReason::InternalError
             } else {
                 CloseReason::Normal
             };
             self.end(Ending::server_closes(reason));
+        }
+        if let Phase::ReplyingToClient { .. } = self.phase {
+            // The reply to the client's Close is queued (and counted): write it if it goes.
+            let _ = self.socket.flush().now_or_never();
         }
         if let Phase::Closing {
             code,
@@ -912,6 +968,28 @@ fn kind_and_len(msg: &Message) -> (MessageType, usize) {
         Message::Binary(b) => (MessageType::Binary, b.len()),
         Message::Ping(p) => (MessageType::Ping, p.len()),
         Message::Pong(p) => (MessageType::Pong, p.len()),
-        Message::Close(_) | Message::Frame(_) => (MessageType::Close, 0),
+        Message::Close(_) => (MessageType::Close, 0),
+        Message::Frame(f) => {
+            use tungstenite::protocol::frame::coding::{Control, Data, OpCode};
+            let kind = match f.header().opcode {
+                OpCode::Data(Data::Text) => MessageType::Text,
+                OpCode::Data(_) => MessageType::Binary,
+                OpCode::Control(Control::Ping) => MessageType::Ping,
+                OpCode::Control(Control::Pong) => MessageType::Pong,
+                OpCode::Control(_) => MessageType::Close,
+            };
+            (kind, f.payload().len())
+        }
     }
+}
+
+thread_local! {
+    /// The span of the connection whose `WebSocket` was dropped by a panic on this thread,
+    /// for the panic's log line (written where the panic is caught, on the same thread).
+    static PANICKED: std::cell::RefCell<Option<SpanContext>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Takes the span of the connection a panic on this thread has just dropped, if any.
+pub(crate) fn panicked_span() -> Option<SpanContext> {
+    PANICKED.with(|p| p.borrow_mut().take())
 }

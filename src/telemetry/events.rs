@@ -176,7 +176,7 @@ impl Events {
             i.backplane_io.add(0, &attrs);
         }
         i.backplane_reconnects.add(0, &[]);
-        for e in crate::backplane::ERROR_TYPES {
+        for e in super::labels::BACKPLANE_ERROR_TYPES {
             i.backplane_errors.add(0, &[KeyValue::new(ERROR_TYPE, e)]);
         }
         for d in [DropReason::BackplaneUnavailable, DropReason::BackplaneFull] {

@@ -374,6 +374,16 @@ impl DropReason {
     }
 }
 
+/// `error.type` values of `websocket.server.backplane.errors` (a fixed set: they start at 0).
+pub const BACKPLANE_ERROR_TYPES: [&str; 6] = [
+    "send",
+    "max_payload",
+    "invalid_subject",
+    "slow_consumer",
+    "server_error",
+    "client_error",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,6 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 
 use super::Telemetry;
-use crate::config::LogFormat;
 
 /// Cleared when the logger provider shuts down: events after that (the shutdown's own report)
 /// go to stdout only, instead of making the SDK warn that logs arrived after its shutdown.
@@ -39,7 +38,57 @@ pub(super) static LOG_EXPORT_OPEN: AtomicBool = AtomicBool::new(true);
 /// Targets whose events never become OTel log records.
 const NOT_EXPORTED: [&str; 6] = ["hyper", "h2", "tonic", "tower", "reqwest", "opentelemetry"];
 
-/// Installs the global subscriber. Call once, from `main`, after [`Telemetry::new`].
+/// How log lines are written to stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The OpenTelemetry side of logging, for an application that installs its own `tracing`
+/// subscriber: wsotel's spans (the upgrade request's `SERVER` span, so connection spans are its
+/// children) exported as traces, and every event (within `RUST_LOG`) exported as an OTel log
+/// record carrying the trace and span ids in force. Empty for a signal that is not exported.
+///
+/// ```
+/// use tracing_subscriber::prelude::*;
+///
+/// let telemetry = wsotel::Telemetry::standalone().unwrap();
+/// let subscriber = tracing_subscriber::registry()
+///     .with(tracing_subscriber::fmt::layer())
+///     .with(wsotel::telemetry::logging::otel_layer(&telemetry));
+/// // tracing::subscriber::set_global_default(subscriber) in your `main`.
+/// # drop(subscriber);
+/// ```
+pub fn otel_layer<S>(telemetry: &Telemetry) -> impl Layer<S> + Send + Sync + 'static
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    // Spans must pass this filter for their log records to carry trace context.
+    let spans = telemetry.tracer_provider().map(|tp| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tp.tracer("wsotel"))
+            // Busy/idle time per span costs a clock read and a lock per enter and exit.
+            .with_tracked_inactivity(false)
+            .with_filter(Targets::new().with_target("wsotel", Level::INFO))
+    });
+    let logs = telemetry.logger_provider().map(|lp| {
+        UntilLoggerShutdown(
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp),
+        )
+        .with_filter(env_filter().and(filter_fn(|m| {
+            !NOT_EXPORTED.iter().any(|p| m.target().starts_with(p))
+        })))
+    });
+    Layer::and_then(spans, logs)
+}
+
+/// Installs the global subscriber: lines on stdout in `format` (filtered by `RUST_LOG`), and
+/// [`otel_layer`]. Call once, from `main`, after [`Telemetry::new`]; it leaves an
+/// application's subscriber in place if one is installed already (then add [`otel_layer`] to
+/// it). It also bridges the `log` crate at warn and above, and makes a panic a log line.
 pub fn init(format: LogFormat, telemetry: &Telemetry) {
     let ansi = std::io::stdout().is_terminal();
     let stdout = match format {
@@ -60,26 +109,9 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
         }),
     ));
 
-    // Spans must pass this filter for their log records to carry trace context.
-    let spans = telemetry.tracer_provider().map(|tp| {
-        tracing_opentelemetry::layer()
-            .with_tracer(tp.tracer("wsotel"))
-            // Busy/idle time per span costs a clock read and a lock per enter and exit.
-            .with_tracked_inactivity(false)
-            .with_filter(Targets::new().with_target("wsotel", Level::INFO))
-    });
-    let logs = telemetry.logger_provider().map(|lp| {
-        UntilLoggerShutdown(
-            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp),
-        )
-        .with_filter(env_filter().and(filter_fn(|m| {
-            !NOT_EXPORTED.iter().any(|p| m.target().starts_with(p))
-        })))
-    });
     let subscriber = tracing_subscriber::registry()
         .with(stdout)
-        .with(spans)
-        .with(logs);
+        .with(otel_layer(telemetry));
     if tracing::subscriber::set_global_default(subscriber).is_err() {
         return; // already installed (an embedder's own subscriber wins)
     }
