@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, MatchedPath, Request};
-use axum::http::header;
-use axum::response::Response;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::sources::{SourceLimits, Sources};
 use crate::telemetry::traces::remote_parent;
-use crate::telemetry::{Events, RejectReason, Spans, Telemetry};
+use crate::telemetry::{Events, RejectReason, Route, Spans, Telemetry};
 
 /// tungstenite reads into a buffer of this size. Its default (128 KiB, allocated up front and
 /// zero-filled before every read) dominated both idle memory and echo CPU.
@@ -213,7 +213,7 @@ impl WebSockets {
         &self,
         parts: &axum::http::request::Parts,
         reason: RejectReason,
-        status: axum::http::StatusCode,
+        status: StatusCode,
     ) -> Response {
         let s = &self.shared;
         let template = parts
@@ -223,14 +223,7 @@ impl WebSockets {
         let route = s.events.route(template);
         let peer = peer_of(&parts.extensions).unwrap_or(UNKNOWN_PEER);
         let client = s.sources.client_address(peer.ip(), &parts.headers);
-        crate::upgrade::refusal(
-            &s.events,
-            route,
-            reason,
-            status,
-            axum::http::HeaderMap::new(),
-            client,
-        )
+        refusal(&s.events, route, reason, status, HeaderMap::new(), client)
     }
 
     /// The per-address counts and limits (shared with an accept loop that counts sockets
@@ -470,6 +463,22 @@ fn upgrade_span(req: &Request, sources: &Sources) -> tracing::Span {
         let _ = span.set_parent(parent);
     }
     span
+}
+
+/// Counts and logs a refused upgrade and answers it; the reason also travels with the
+/// response, so the upgrade span records it as `error.type`.
+pub(crate) fn refusal(
+    events: &Events,
+    route: Route,
+    reason: RejectReason,
+    status: StatusCode,
+    headers: HeaderMap,
+    client: IpAddr,
+) -> Response {
+    events.handshake_rejected(Some(route), reason, Some(status.as_u16()), client);
+    let mut response = (status, headers, reason.as_str()).into_response();
+    response.extensions_mut().insert(reason);
+    response
 }
 
 /// The TCP peer, when the server was started with `ConnectInfo<SocketAddr>`.

@@ -11,7 +11,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -27,16 +27,13 @@ use futures_util::FutureExt;
 use futures_util::future::lazy;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::connection::{Setup, WebSocket};
-use crate::layer::{GateSlot, UNKNOWN_PEER, WebSockets, origin_allowed, peer_of};
-use crate::telemetry::{Events, Identity, MoreIdentity, RejectReason, Route, RouteInstruments};
+use crate::connection::{Setup, Socket, WebSocket};
+use crate::layer::{GateSlot, UNKNOWN_PEER, WebSockets, origin_allowed, peer_of, refusal};
+use crate::telemetry::{Identity, MoreIdentity, RejectReason, Route, RouteInstruments};
 use crate::wire::Watched;
 
 /// Most subprotocols of a request looked at (the header is client input).
 const MAX_OFFERED_PROTOCOLS: usize = 16;
-
-/// An upgraded connection: tungstenite over the watched TCP stream.
-pub type Socket = WebSocketStream<Watched<TokioIo<Upgraded>>>;
 
 /// A valid WebSocket upgrade request, not yet answered.
 pub(crate) struct UpgradeRequest {
@@ -507,22 +504,6 @@ impl WebSocketUpgrade {
                     })
             })
     }
-}
-
-/// Counts and logs a refused upgrade and answers it; the reason also travels with the
-/// response, so the upgrade span records it as `error.type`.
-pub(crate) fn refusal(
-    events: &Events,
-    route: Route,
-    reason: RejectReason,
-    status: StatusCode,
-    headers: HeaderMap,
-    client: IpAddr,
-) -> Response {
-    events.handshake_rejected(Some(route), reason, Some(status.as_u16()), client);
-    let mut response = (status, headers, reason.as_str()).into_response();
-    response.extensions_mut().insert(reason);
-    response
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ mod report;
 mod rooms;
 mod run;
 mod scrape;
+mod window;
 
 use std::process::ExitCode;
 use std::time::Duration;

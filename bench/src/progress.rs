@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::run::Window;
+use crate::window::Window;
 
 /// A running progress bar; dropping it (or [`Progress::finish`]) clears the line.
 pub struct Progress {

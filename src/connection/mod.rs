@@ -32,7 +32,7 @@ use crate::telemetry::{
     CloseReason, ConnectionGuard, Direction, DropReason, ErrorType, Events, Identity, MessageType,
     Route, RouteInstruments, Spans, Totals,
 };
-use crate::upgrade::Socket;
+use crate::wire::Watched;
 use crate::wire::{Discarded, discard_until_close};
 use batching::Batching;
 pub use ending::close_code;
@@ -46,6 +46,11 @@ const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// rest of a frame at the size limit and this much more. A client sending more than that is
 /// cut off without the rest of the handshake.
 const DISCARD_SLACK: u64 = 16 * 1024;
+
+/// An upgraded connection's socket: tungstenite over the watched TCP stream (see
+/// [`crate::wire`]).
+pub(crate) type Socket =
+    tokio_tungstenite::WebSocketStream<Watched<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// The connection's span (when traces are exported), a child of the upgrade request's span:
 /// an OpenTelemetry span the connection holds for its life, ended with the close code, reason
