@@ -497,7 +497,7 @@ fn capped(s: &str, max: usize) -> &str {
 /// A request without `Origin` (a non-browser client) passes. One with `Origin` passes when the
 /// origin's host matches the `Host` header, or the origin is listed in `allowed` (or `*` is).
 /// Everything else is cross-site WebSocket hijacking and gets 403.
-pub(crate) fn origin_allowed(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
+pub fn origin_allowed(headers: &axum::http::HeaderMap, allowed: &[String]) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };

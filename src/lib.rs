@@ -65,6 +65,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Logs and traces go out once a subscriber has wsotel's layers: [`telemetry::logging::init`]
+//! installs one (stdout lines and the OTLP export), or add
+//! [`telemetry::logging::otel_layer`] to a subscriber of your own.
+//!
 //! examples/chat.rs is a whole application (a chat room, `/metrics` on the same listener,
 //! graceful shutdown); the `wsotel` binary's own routes (`routes`) are built on this same
 //! API.
@@ -100,6 +104,15 @@ pub use server::{ServerError, run};
 pub use telemetry::{CloseReason, RejectReason, Route, Telemetry};
 pub use tungstenite::Message;
 pub use upgrade::WebSocketUpgrade;
+
+/// The parsers of client input that `fuzz/` drives with arbitrary bytes, reachable from its
+/// crate. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::layer::origin_allowed;
+    pub use crate::rooms::{MAX_ROOM_NAME, valid_room_name};
+    pub use crate::wire::FrameScan;
+}
 
 /// Registers SIGINT and SIGTERM handlers now, and returns a future that resolves when either
 /// arrives. Registering up front (not on first poll) means a signal that arrives while the

@@ -87,9 +87,8 @@ impl FrameScan {
         }
     }
 
-    /// Whether the next byte starts a frame.
-    #[cfg(test)]
-    fn at_frame_boundary(&self) -> bool {
+    /// Whether the next byte starts a frame (the fuzz target holds the scan to it).
+    pub fn at_frame_boundary(&self) -> bool {
         self.head_len == 0 && self.remaining == 0
     }
 

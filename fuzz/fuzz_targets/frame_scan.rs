@@ -1,10 +1,10 @@
-//! `wsotel::wire::FrameScan`: any byte stream, read in any sizes, leaves the scan in the same
+//! `wsotel::fuzzing::FrameScan`: any byte stream, read in any sizes, leaves the scan in the same
 //! state as read at once (tungstenite's read sizes must not change where the server thinks the
 //! next frame starts), and nothing panics, whatever lengths the headers claim.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsotel::wire::FrameScan;
+use wsotel::fuzzing::FrameScan;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the read size (1-32 bytes per read), the rest is the stream.

@@ -1,4 +1,4 @@
-//! `wsotel::handshake::origin_allowed`: no Origin passes; an Origin naming the request's own
+//! `wsotel::fuzzing::origin_allowed`: no Origin passes; an Origin naming the request's own
 //! Host (any scheme, case, default port or trailing slash) passes; with no `--allowed-origin`
 //! a passing Origin is same-origin by an independent check (host and port parsed with
 //! `http::Uri`); `*` lets any readable Origin in; more allowed origins never deny more.
@@ -8,7 +8,7 @@ use http::header::{HOST, ORIGIN};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderValue, Uri};
 use libfuzzer_sys::fuzz_target;
-use wsotel::handshake::origin_allowed;
+use wsotel::fuzzing::origin_allowed;
 
 const SCHEMES: &[&str] = &["http", "https", "ws", "wss", "HTTP", "Https"];
 

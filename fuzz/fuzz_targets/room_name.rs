@@ -1,9 +1,9 @@
-//! `wsotel::rooms::valid_room_name`: accepted exactly when the name is 1-64 bytes of
+//! `wsotel::fuzzing::valid_room_name`: accepted exactly when the name is 1-64 bytes of
 //! `[A-Za-z0-9._-]`, and every accepted name is safe as one URL path segment.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsotel::rooms::{MAX_ROOM_NAME, valid_room_name};
+use wsotel::fuzzing::{MAX_ROOM_NAME, valid_room_name};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(name) = std::str::from_utf8(data) else {
