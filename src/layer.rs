@@ -248,16 +248,16 @@ impl WebSocketsBuilder {
         self
     }
 
-    /// How often the server pings each connection. Default 20 s.
+    /// How often the server pings each connection (at least 1 ms). Default 20 s.
     pub fn ping_interval(mut self, every: Duration) -> Self {
-        self.ping_interval = every;
+        self.ping_interval = every.max(Duration::from_millis(1));
         self
     }
 
     /// How long a ping may go unanswered before the connection is cut
-    /// (`heartbeat_timeout`). Default 10 s.
+    /// (`heartbeat_timeout`; at least 1 ms). Default 10 s.
     pub fn pong_timeout(mut self, timeout: Duration) -> Self {
-        self.pong_timeout = timeout;
+        self.pong_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 

@@ -209,7 +209,9 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 /// handler with a measured [`WebSocket`].
 ///
 /// The connection's `http.route` is the route template the application registered (axum's
-/// `MatchedPath`), never the request's path. Serve the application with
+/// `MatchedPath`), never the request's path. Give a WebSocket route its own path: taken as
+/// `Option`/`Result` to serve plain HTTP on the same route, every plain request would be
+/// counted as a refused upgrade (`bad_request`). Serve the application with
 /// `into_make_service_with_connect_info::<SocketAddr>()` so connections know their peer
 /// address (for logs, spans and per-address limits).
 ///

@@ -298,7 +298,8 @@ impl WebSocket {
     }
 
     /// How many the message being handled (the last one [`recv`](WebSocket::recv) returned)
-    /// was delivered or queued to: `websocket.recipients` on its span.
+    /// was delivered or queued to: `websocket.recipients` on its span. Call it before
+    /// [`message_span`](WebSocket::message_span), which records the span.
     pub fn delivered_to(&mut self, recipients: usize) {
         self.conn.delivered_to(recipients)
     }

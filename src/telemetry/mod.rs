@@ -5,7 +5,9 @@
 //! says *what happened* and never touches a counter. Nothing here is global: tests can run many
 //! servers in one process, each with its own registry.
 
+#[doc(hidden)] // the recording side of the connections and the server; not for applications
 pub mod events;
+#[doc(hidden)]
 pub mod instruments;
 pub mod labels;
 pub mod log_limit;
@@ -25,7 +27,9 @@ use opentelemetry_sdk::resource::{
     EnvResourceDetector, ResourceDetector, TelemetryResourceDetector,
 };
 
+#[doc(hidden)]
 pub use events::{Closed, ConnectionGuard, Events, Identity, MoreIdentity, Totals};
+#[doc(hidden)]
 pub use instruments::RouteInstruments;
 pub use labels::{
     CloseInitiator, CloseReason, Direction, DropReason, ErrorType, MessageType, RejectReason, Route,
@@ -166,7 +170,8 @@ impl Telemetry {
         self.spans.as_ref()
     }
 
-    /// The recording handle the server uses.
+    /// The recording handle the server uses (its connections record through `WebSocket`).
+    #[doc(hidden)]
     pub fn events(&self) -> &Events {
         &self.events
     }
