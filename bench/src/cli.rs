@@ -37,6 +37,9 @@ pub enum Mode {
     Churn(ChurnArgs),
     /// A discard-only OTLP/gRPC receiver (traces, metrics, logs) for full-telemetry runs.
     OtlpSink(SinkArgs),
+    /// A plain axum WebSocket echo server on `/ws/echo` with wsotel's buffer sizes and no
+    /// telemetry at all: the floor `scripts/bench` compares wsotel with (`axum-plain`).
+    FloorServer(FloorArgs),
 }
 
 impl Mode {
@@ -48,6 +51,7 @@ impl Mode {
             Mode::Idle(_) => "idle",
             Mode::Churn(_) => "churn",
             Mode::OtlpSink(_) => "otlp-sink",
+            Mode::FloorServer(_) => "floor-server",
         }
     }
 
@@ -59,7 +63,7 @@ impl Mode {
             Mode::Rooms(a) => Some(&a.common),
             Mode::Idle(a) => Some(&a.common),
             Mode::Churn(a) => Some(&a.common),
-            Mode::OtlpSink(_) => None,
+            Mode::OtlpSink(_) | Mode::FloorServer(_) => None,
         }
     }
 }
@@ -243,6 +247,13 @@ pub struct SinkArgs {
     pub blackhole: bool,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct FloorArgs {
+    /// Address to serve on (port 0: any free port; the bound address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = parse_duration_or_zero(s)?;
     if d.is_zero() {
@@ -288,6 +299,12 @@ mod tests {
         assert!(
             Cli::try_parse_from(["wsotel-bench", "idle", "--url", "x", "--probe", "false"]).is_ok()
         );
+        match Cli::try_parse_from(["wsotel-bench", "floor-server", "--addr", "127.0.0.1:0"]) {
+            Ok(Cli {
+                mode: Mode::FloorServer(a),
+            }) => assert_eq!(a.addr.port(), 0),
+            other => panic!("{other:?}"),
+        }
     }
 
     impl Cli {

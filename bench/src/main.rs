@@ -3,12 +3,15 @@
 //! Modes `echo`, `ingest`, `rooms`, `idle` and `churn` each print a human summary, or with
 //! `--json` exactly one JSON object; a wrong reply (or a server that stops answering) makes the
 //! run exit 1 with the reason on stderr, so a broken server cannot look fast. `otlp-sink` is a
-//! discard-only OTLP/gRPC receiver for the full-telemetry runs of `scripts/bench`.
+//! discard-only OTLP/gRPC receiver for the full-telemetry runs of `scripts/bench`, and
+//! `floor-server` a plain axum echo server without telemetry, the floor wsotel is measured
+//! against.
 
 mod churn;
 mod cli;
 mod conn;
 mod echo;
+mod floor_server;
 mod hist;
 mod idle;
 mod ingest;
@@ -31,8 +34,18 @@ use cli::{Cli, Mode};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    payload::now_ns(); // start the payload clock
     procfs::raise_nofile_limit();
+    if let Mode::FloorServer(args) = cli.mode {
+        // The runtime a plain application gets (wsotel's too): one worker per core.
+        return match tokio::runtime::Runtime::new() {
+            Ok(rt) => match rt.block_on(floor_server::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fatal(&e),
+            },
+            Err(e) => fatal(&format!("cannot start the runtime: {e}")),
+        };
+    }
+    payload::now_ns(); // start the payload clock
     let threads = cli
         .mode
         .common()
@@ -63,7 +76,7 @@ fn main() -> ExitCode {
                 Mode::Rooms(a) => rooms::run(a).await,
                 Mode::Idle(a) => idle::run(a).await,
                 Mode::Churn(a) => churn::run(a).await,
-                Mode::OtlpSink(_) => unreachable!("handled above"),
+                Mode::OtlpSink(_) | Mode::FloorServer(_) => unreachable!("handled above"),
             }
         };
         tokio::time::timeout(bound, work)
@@ -104,7 +117,7 @@ fn hard_bound(mode: &Mode) -> Duration {
         Mode::Rooms(a) => a.rooms * a.members,
         Mode::Idle(a) => a.connections,
         Mode::Churn(a) => a.connections,
-        Mode::OtlpSink(_) => 0,
+        Mode::OtlpSink(_) | Mode::FloorServer(_) => 0,
     };
     c.warmup
         + c.duration
