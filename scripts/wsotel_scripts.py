@@ -265,8 +265,9 @@ def git_state(repo=REPO):
 class BenchServer:
     """One server of scripts/bench's comparison, started fresh; stopped by its own PID.
 
-    `kind` is a reference server (seed-go, node-ws: from ANCHORS) or a wsotel setting
-    (wsotel-off, wsotel-prom, wsotel-full; before-off, before-full run bins["before"]).
+    `kind` is a reference server (seed-go, node-ws: from ANCHORS; axum-plain: bins["bench"]'s
+    `floor-server`, plain axum without telemetry) or a wsotel setting (wsotel-off, wsotel-prom,
+    wsotel-full; before-off, before-full run bins["before"]).
     wsotel-full exports OTLP/gRPC to `sink_addr`. Output goes to <workdir>/<kind>-<port>.log.
     """
 
@@ -285,6 +286,13 @@ class BenchServer:
             self.env = clean_env({})
             self.ws = f"ws://127.0.0.1:{self.port}/ws"
             self.metrics = f"http://127.0.0.1:{self.port}/metrics"
+        elif kind == "axum-plain":
+            # The floor: axum's own WebSocketUpgrade with wsotel's buffer sizes, no telemetry
+            # (`wsotel-bench floor-server`, bench/src/floor_server.rs). Nothing to scrape.
+            self.cmd = [str(bins["bench"]), "floor-server", "--addr", f"127.0.0.1:{self.port}"]
+            self.env = clean_env({})
+            self.ws = f"ws://127.0.0.1:{self.port}/ws/echo"
+            self.metrics = None
         else:
             admin = free_port()
             binary = bins["before"] if kind.startswith("before-") else bins["wsotel"]
@@ -306,8 +314,8 @@ class BenchServer:
                 })
             else:
                 self.env = clean_env({**ONE_SOURCE, "RUST_LOG": "warn"})
-        # Who gets a /metrics scrape every second during each run.
-        self.scraped = kind not in ("wsotel-off", "before-off")
+        # Who gets a /metrics scrape every second during each run (axum-plain has no /metrics).
+        self.scraped = kind not in ("wsotel-off", "before-off", "axum-plain")
 
     def start(self):
         """Starts it and waits for its port (node-ws: up to 300 s, it may install first)."""
