@@ -245,7 +245,7 @@ impl Member {
                     if let Some((backplane, subject)) = membership.backplane() {
                         // A sampled message's span is recorded now, so its PRODUCER child
                         // can travel in the NATS headers.
-                        let size = message_len(&msg);
+                        let size = msg.len();
                         let cx = ws.message_span().and_then(|message| {
                             inner.spans.as_ref().map(|s| s.producer(&message, subject, size))
                         });
@@ -273,14 +273,6 @@ impl Member {
             undelivered += 1;
         }
         ws.dropped(DropReason::ConnectionClosed, undelivered);
-    }
-}
-
-fn message_len(msg: &Message) -> usize {
-    match msg {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
-        _ => 0,
     }
 }
 

@@ -507,3 +507,58 @@ async fn a_socket_moved_to_another_task_is_counted_until_it_is_dropped() {
     second.send(ClientMessage::text("again")).await.unwrap();
     assert_eq!(next_data(&mut second).await, ClientMessage::text("again"));
 }
+
+#[tokio::test]
+async fn try_recv_takes_what_has_already_arrived_and_never_waits() {
+    async fn batch(ws: WebSocketUpgrade) -> Response {
+        ws.on_upgrade(|mut socket| async move {
+            // Let the client's three messages arrive, then take them: one waited for, two not.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut got = Vec::new();
+            if let Some(first) = socket.recv().await {
+                got.push(first.into_text().unwrap().to_string());
+            }
+            while let Some(more) = socket.try_recv() {
+                got.push(more.into_text().unwrap().to_string());
+            }
+            assert!(
+                socket.try_recv().is_none(),
+                "nothing more: it does not wait"
+            );
+            let _ = socket.send(Message::text(got.join(","))).await;
+            while socket.recv().await.is_some() {}
+        })
+    }
+    let app = App::serve(|b| b, Router::new().route("/batch", get(batch))).await;
+    let mut client = connect(&app.url("/batch")).await;
+    for word in ["a", "b", "c"] {
+        client.send(ClientMessage::text(word)).await.unwrap();
+    }
+    assert_eq!(next_data(&mut client).await, ClientMessage::text("a,b,c"));
+    client.close(None).await.unwrap();
+    while let Some(Ok(_)) = client.next().await {}
+    let m = app.idle().await;
+    let r = "/batch";
+    assert_eq!(
+        sum(
+            &m,
+            "websocket_server_messages_total",
+            r,
+            &[
+                ("network_io_direction", "receive"),
+                ("websocket_message_type", "text")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        sum(
+            &m,
+            "websocket_server_message_duration_seconds_count",
+            r,
+            &[]
+        ),
+        3.0,
+        "each message's handling ends when the next is taken, the last at close"
+    );
+}
