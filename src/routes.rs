@@ -23,6 +23,7 @@ use crate::rooms::{Reservation, Rooms, valid_room_name};
 use crate::sources::Sources;
 use crate::telemetry::{CloseReason, DropReason, RejectReason, Route, Spans};
 use crate::upgrade::WebSocketUpgrade;
+#[cfg(feature = "fault-injection")]
 use tungstenite::Message;
 
 /// `GET /ws/echo`.
