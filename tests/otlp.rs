@@ -891,3 +891,124 @@ async fn restarted_collector_exports_resume_with_cumulative_counts() {
         "the closing lines' ids are the connection spans' ids: {ids:?} vs {connection_spans:?}"
     );
 }
+
+/// The point of `metric` whose attributes include `want`, from one export.
+fn histogram_point(
+    m: &opentelemetry_proto::tonic::metrics::v1::Metric,
+    want: &[(&str, &str)],
+) -> Option<opentelemetry_proto::tonic::metrics::v1::HistogramDataPoint> {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    let Some(Data::Histogram(h)) = &m.data else {
+        panic!("{} is not a histogram", m.name)
+    };
+    h.data_points
+        .iter()
+        .find(|p| {
+            want.iter()
+                .all(|(k, v)| attr(&p.attributes, k).as_deref() == Some(*v))
+        })
+        .cloned()
+}
+
+/// Per-message instruments are tallied per thread and handed to the SDK at each collection:
+/// OTLP exports every 100 ms and `/metrics` scrapes in between collect while an echo session of
+/// payloads of many sizes runs. Every export reads a count that never goes back, and after the
+/// close the exports and the scrape hold exactly the session: its count, its sum, every bucket,
+/// its smallest and its largest payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_during_a_session_never_lose_or_repeat_a_message() {
+    let (l, addr) = listener().await;
+    let receiver = Receiver::default();
+    let _rx = receiver.serve_grpc(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "100"),
+        ],
+    );
+    let sizes: Vec<usize> = (0..600).map(|i| 7 + (i * 337) % 3000).collect();
+    let mut ws = connect(&server.url("/ws/echo")).await;
+    let started = std::time::Instant::now();
+    for (i, &size) in sizes.iter().enumerate() {
+        ws.send(Message::binary(vec![b'b'; size])).await.unwrap();
+        match next_data(&mut ws).await {
+            Message::Binary(b) => assert_eq!(b.len(), size),
+            other => panic!("unexpected {other:?}"),
+        }
+        if i % 50 == 0 {
+            scrape(server.admin).await;
+        }
+        // Paced, so the session spans a dozen exports.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    eprintln!("session: {:?}", started.elapsed());
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    let scraped = idle(server.admin, 1.0).await;
+    // Two exports that start after the close.
+    let exported = receiver.counts().metric_requests;
+    eventually("two exports after the close", || {
+        receiver.counts().metric_requests >= exported + 2
+    })
+    .await;
+
+    let route = ("http.route", "/ws/echo");
+    let history = receiver.metric_history("wsotel", "websocket.server.message.size");
+    let counts: Vec<u64> = history
+        .iter()
+        .filter_map(|m| histogram_point(m, &[route, ("network.io.direction", "receive")]))
+        .map(|p| p.count)
+        .collect();
+    assert!(
+        counts.len() >= 5,
+        "several exports during the session: {counts:?}"
+    );
+    assert!(
+        counts.windows(2).all(|w| w[0] <= w[1]),
+        "a count went back: {counts:?}"
+    );
+    assert!(
+        counts.iter().any(|&c| c > 0 && c < sizes.len() as u64),
+        "an export landed mid-session: {counts:?}"
+    );
+
+    let bounds = wsotel::telemetry::instruments::buckets::MESSAGE_BYTES;
+    let mut buckets = vec![0u64; bounds.len() + 1];
+    for &s in &sizes {
+        buckets[bounds.partition_point(|&b| b < s as f64)] += 1;
+    }
+    let total: usize = sizes.iter().sum();
+    for dir in ["receive", "transmit"] {
+        let last = history.last().unwrap();
+        let p = histogram_point(last, &[route, ("network.io.direction", dir)]).unwrap();
+        assert_eq!(p.count, sizes.len() as u64, "{dir}");
+        assert_eq!(p.sum, Some(total as f64), "{dir}");
+        assert_eq!(p.bucket_counts, buckets, "{dir}");
+        assert_eq!(p.min, Some(*sizes.iter().min().unwrap() as f64), "{dir}");
+        assert_eq!(p.max, Some(*sizes.iter().max().unwrap() as f64), "{dir}");
+        let labels = [("http_route", "/ws/echo"), ("network_io_direction", dir)];
+        assert_eq!(
+            scraped.sum("websocket_server_message_size_bytes_count", &labels),
+            sizes.len() as f64
+        );
+        assert_eq!(
+            scraped.sum("websocket_server_message_size_bytes_sum", &labels),
+            total as f64
+        );
+        assert_eq!(
+            scraped.sum("websocket_server_io_bytes_total", &labels),
+            total as f64
+        );
+    }
+    let durations = receiver.metric_history("wsotel", "websocket.server.message.duration");
+    let p = histogram_point(durations.last().unwrap(), &[route]).unwrap();
+    assert_eq!(p.count, sizes.len() as u64);
+    assert_eq!(p.bucket_counts.iter().sum::<u64>(), sizes.len() as u64);
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+}

@@ -775,3 +775,94 @@ async fn pipelined_echo_is_exact_and_in_order() {
         8.0 * n as f64
     );
 }
+
+/// The per-message instruments are tallied per thread and handed to the SDK when a reader
+/// collects: a scrape taken after an echo came back counts it, once, on every instrument, and
+/// closing the connection adds nothing but its Close frames and its lifetime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scrape_counts_each_message_before_it_exactly_once() {
+    // Unpaced publishers: no publish rate.
+    let server = TestServer::start_with(|c| c.publish_rate = 0).await;
+    // Another route busy on both worker threads meanwhile (one publisher per room, so nothing
+    // queues for a reader), so collections overlap recording.
+    let mut publishers = Vec::new();
+    for room in ["busy-1", "busy-2"] {
+        let mut ws = connect(server.url(&format!("/ws/rooms/{room}"))).await;
+        publishers.push(tokio::spawn(async move {
+            for _ in 0..2000 {
+                ws.send(Message::text("p")).await.unwrap();
+            }
+            ws
+        }));
+    }
+    let echo = |dir: &'static str| [("http_route", "/ws/echo"), ("network_io_direction", dir)];
+    let mut ws = connect(server.url("/ws/echo")).await;
+    let text = "x".repeat(100);
+    for i in 1..=40u32 {
+        echoes(&mut ws, &text).await;
+        let m = server.metrics().await;
+        let i = f64::from(i);
+        for dir in ["receive", "transmit"] {
+            let [route, direction] = echo(dir);
+            let msgs = [route, direction, mtype("text")];
+            assert_eq!(m.sum("websocket_server_messages_total", &msgs), i, "{dir}");
+            assert_eq!(
+                m.sum("websocket_server_io_bytes_total", &echo(dir)),
+                100.0 * i
+            );
+            let size = |s: &str| format!("websocket_server_message_size_bytes_{s}");
+            assert_eq!(m.sum(&size("count"), &echo(dir)), i, "{dir}");
+            assert_eq!(m.sum(&size("sum"), &echo(dir)), 100.0 * i, "{dir}");
+            assert_eq!(
+                m.sum(&size("bucket"), &[route, direction, ("le", "64")]),
+                0.0
+            );
+            assert_eq!(
+                m.sum(&size("bucket"), &[route, direction, ("le", "256")]),
+                i
+            );
+        }
+    }
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    for p in publishers {
+        let mut ws = p.await.unwrap();
+        ws.close(None).await.unwrap();
+        while let Some(Ok(_)) = ws.next().await {}
+    }
+    let before = server.idle().await;
+    let after = server.metrics().await;
+    for m in [&before, &after] {
+        let [route, direction] = echo("receive");
+        assert_eq!(
+            m.sum(
+                "websocket_server_messages_total",
+                &[route, direction, mtype("text")]
+            ),
+            40.0
+        );
+        assert_eq!(
+            m.sum(
+                "websocket_server_messages_total",
+                &[route, direction, mtype("close")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            m.sum("websocket_server_io_bytes_total", &echo("transmit")),
+            4000.0
+        );
+        assert_eq!(
+            m.sum("websocket_server_message_duration_seconds_count", &[route]),
+            40.0
+        );
+        let room = [("http_route", "/ws/rooms/{room}"), direction];
+        assert_eq!(
+            m.sum(
+                "websocket_server_messages_total",
+                &[room[0], room[1], mtype("text")]
+            ),
+            4000.0
+        );
+    }
+}

@@ -357,6 +357,20 @@ impl Receiver {
             .collect()
     }
 
+    /// Every export of metric `name` of scope `scope`, oldest first.
+    pub fn metric_history(&self, scope: &str, name: &str) -> Vec<Metric> {
+        let r = self.received.lock().unwrap();
+        r.metrics
+            .iter()
+            .flat_map(|req| &req.resource_metrics)
+            .flat_map(|rm| &rm.scope_metrics)
+            .filter(|sm| sm.scope.as_ref().map(|s| s.name.as_str()) == Some(scope))
+            .flat_map(|sm| &sm.metrics)
+            .filter(|m| m.name == name)
+            .cloned()
+            .collect()
+    }
+
     /// The most recent export of every metric of scope `scope`, with its resource.
     pub fn last_metrics(&self, scope: &str) -> Vec<(Resource, Metric)> {
         let r = self.received.lock().unwrap();

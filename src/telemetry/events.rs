@@ -60,7 +60,7 @@ struct EventsInner {
     instruments: Instruments,
     /// Each route's bound instruments, made when the route is first seen (at most
     /// [`Route::MAX`]).
-    routes: RwLock<HashMap<&'static str, Arc<RouteInstruments>>>,
+    routes: Arc<RwLock<HashMap<&'static str, Arc<RouteInstruments>>>>,
     ping: BoundHistogram<f64>,
     logs: LogLimiter,
     /// What the saturation gauges read: set by the server when it starts.
@@ -86,6 +86,27 @@ impl Events {
     pub(crate) fn new(meter: &Meter) -> Self {
         let instruments = Instruments::new(meter);
         let saturation = Arc::new(Saturation::default());
+        let routes: Arc<RwLock<HashMap<&'static str, Arc<RouteInstruments>>>> = Arc::default();
+        let r = routes.clone();
+        // Observes nothing, so it is never exported: the SDK runs observable callbacks before
+        // each reader aggregates, and this one hands every route's per-thread message tallies
+        // to its SDK instruments, so each scrape and export counts every message recorded
+        // before it.
+        meter
+            .u64_observable_gauge("wsotel.internal.tally")
+            .with_description("Not exported: takes in the per-message tallies at collection.")
+            .with_callback(move |_| {
+                let routes: Vec<_> = r
+                    .read()
+                    .expect("route registry poisoned")
+                    .values()
+                    .cloned()
+                    .collect();
+                for route in routes {
+                    route.collect();
+                }
+            })
+            .build();
         let s = saturation.clone();
         meter
             .i64_observable_up_down_counter("websocket.server.connection.limit")
@@ -153,7 +174,7 @@ impl Events {
         Events {
             inner: Arc::new(EventsInner {
                 instruments,
-                routes: RwLock::default(),
+                routes,
                 ping,
                 logs: LogLimiter::new(0),
                 saturation,

@@ -4,9 +4,10 @@
 //! Handlers never touch an instrument: they call an event (`connection_opened`,
 //! `message_received`, `handshake_rejected`...), and this module decides the name, unit,
 //! attributes and log line. The per-message instruments are bound to their attribute set when
-//! the server starts (`experimental_metrics_bound_instruments` in the SDK), so the hot path does
-//! no attribute lookup and no allocation: a bound counter add costs a few nanoseconds where an
-//! unbound one with a two-attribute slice costs about 100 (measured on this stack).
+//! the route is first seen (`experimental_metrics_bound_instruments` in the SDK), so recording
+//! does no attribute lookup and no allocation; the per-message ones are tallied per thread and
+//! handed to them at collection (module `tally`), so the hot path shares no cache line with
+//! another thread either.
 
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use opentelemetry::metrics::{
 };
 
 use super::labels::{Direction, MessageType, Route};
+use super::tally::{self, Sink, Tally};
 
 const ROUTE: &str = "http.route";
 const DIRECTION: &str = "network.io.direction";
@@ -48,17 +50,44 @@ pub mod buckets {
 }
 
 /// The instruments of one route, bound to their attribute sets once at startup.
+///
+/// The per-message ones are recorded through the route's [`Tally`]: a per-thread shard that
+/// the SDK instruments take in at each collection (see the `tally` module).
 pub struct RouteInstruments {
     pub(crate) route: Route,
     pub(crate) active: BoundUpDownCounter<i64>,
     pub(crate) accepted: BoundCounter<u64>,
+    tally: Tally,
+    sdk: PerMessage,
+}
+
+/// The SDK's per-message instruments of one route, fed by its tally at collection.
+struct PerMessage {
     /// `[direction][message type]`
-    pub(crate) messages: [[BoundCounter<u64>; 5]; 2],
+    messages: [[BoundCounter<u64>; 5]; 2],
     /// `[direction]`
-    pub(crate) io: [BoundCounter<u64>; 2],
+    io: [BoundCounter<u64>; 2],
     /// `[direction]`
-    pub(crate) size: [BoundHistogram<u64>; 2],
-    pub(crate) message_duration: BoundHistogram<f64>,
+    size: [BoundHistogram<u64>; 2],
+    message_duration: BoundHistogram<f64>,
+}
+
+impl Sink for &PerMessage {
+    fn messages(&mut self, direction: usize, kind: usize, n: u64) {
+        self.messages[direction][kind].add(n);
+    }
+
+    fn io(&mut self, direction: usize, n: u64) {
+        self.io[direction].add(n);
+    }
+
+    fn size(&mut self, direction: usize, len: u64) {
+        self.size[direction].record(len);
+    }
+
+    fn duration(&mut self, nanos: u64) {
+        self.message_duration.record(tally::seconds(nanos));
+    }
 }
 
 impl RouteInstruments {
@@ -69,20 +98,23 @@ impl RouteInstruments {
             route,
             active: meter_instruments.active.bind(std::slice::from_ref(&r)),
             accepted: meter_instruments.accepted.bind(std::slice::from_ref(&r)),
-            messages: Direction::ALL.map(|d| {
-                MessageType::ALL.map(|t| {
-                    meter_instruments.messages.bind(&[
-                        r.clone(),
-                        KeyValue::new(DIRECTION, d.as_str()),
-                        KeyValue::new(MESSAGE_TYPE, t.as_str()),
-                    ])
-                })
-            }),
-            io: Direction::ALL.map(|d| meter_instruments.io.bind(&per_direction(d))),
-            size: Direction::ALL.map(|d| meter_instruments.size.bind(&per_direction(d))),
-            message_duration: meter_instruments
-                .message_duration
-                .bind(std::slice::from_ref(&r)),
+            tally: Tally::default(),
+            sdk: PerMessage {
+                messages: Direction::ALL.map(|d| {
+                    MessageType::ALL.map(|t| {
+                        meter_instruments.messages.bind(&[
+                            r.clone(),
+                            KeyValue::new(DIRECTION, d.as_str()),
+                            KeyValue::new(MESSAGE_TYPE, t.as_str()),
+                        ])
+                    })
+                }),
+                io: Direction::ALL.map(|d| meter_instruments.io.bind(&per_direction(d))),
+                size: Direction::ALL.map(|d| meter_instruments.size.bind(&per_direction(d))),
+                message_duration: meter_instruments
+                    .message_duration
+                    .bind(std::slice::from_ref(&r)),
+            },
         }
     }
 
@@ -95,19 +127,31 @@ impl RouteInstruments {
     /// bytes in `websocket.server.io` and `websocket.server.message.size`.
     #[inline]
     pub fn message(&self, direction: Direction, kind: MessageType, payload_len: usize) {
-        let d = direction as usize;
-        self.messages[d][kind as usize].add(1);
+        let (d, k) = (direction as usize, kind as usize);
         if kind.is_data() {
-            self.io[d].add(payload_len as u64);
-            self.size[d].record(payload_len as u64);
+            let len = payload_len as u64;
+            let bucket = tally::size_bucket(len);
+            self.tally.record(|c| {
+                c.message(d, k);
+                c.data(d, len, bucket);
+            });
+        } else {
+            self.tally.record(|c| c.message(d, k));
         }
     }
 
     /// Server time from a message received to its echo written or its broadcast queued.
     #[inline]
     pub fn message_handled(&self, received_at: Instant) {
-        self.message_duration
-            .record(received_at.elapsed().as_secs_f64());
+        let nanos = u64::try_from(received_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let bucket = tally::duration_bucket(nanos);
+        self.tally.record(|c| c.duration(nanos, bucket));
+    }
+
+    /// Hands the SDK instruments what was recorded since the last collection. Called by the
+    /// collection callback before every metric reader aggregates.
+    pub(crate) fn collect(&self) {
+        self.tally.flush(&mut &self.sdk);
     }
 }
 

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod otlp;
 pub mod process;
 pub mod settings;
+mod tally;
 pub mod traces;
 
 use std::collections::HashSet;
@@ -108,8 +109,7 @@ impl Telemetry {
             .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
         let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
-            .with_reader(exporter)
-            .with_view(per_message_histograms);
+            .with_reader(exporter);
         if let Some(reader) = otlp::metric_reader(settings).map_err(TelemetryError::Config)? {
             meters = meters.with_reader(reader);
         }
@@ -234,27 +234,6 @@ impl Telemetry {
             ),
         }
     }
-}
-
-/// The per-message histograms keep their buckets but not min and max: neither reaches
-/// Prometheus, and each is a compare-and-swap loop per message, per reader (two with OTLP).
-fn per_message_histograms(
-    i: &opentelemetry_sdk::metrics::Instrument,
-) -> Option<opentelemetry_sdk::metrics::Stream> {
-    let boundaries = match i.name() {
-        "websocket.server.message.size" => instruments::buckets::MESSAGE_BYTES,
-        "websocket.server.message.duration" => instruments::buckets::MESSAGE_SECONDS,
-        _ => return None,
-    };
-    opentelemetry_sdk::metrics::Stream::builder()
-        .with_aggregation(
-            opentelemetry_sdk::metrics::Aggregation::ExplicitBucketHistogram {
-                boundaries: boundaries.to_vec(),
-                record_min_max: false,
-            },
-        )
-        .build()
-        .ok()
 }
 
 /// Builds the resource: defaults first, then `OTEL_RESOURCE_ATTRIBUTES`, then
