@@ -50,6 +50,24 @@ macro_rules! connection_line {
     };
 }
 
+/// How often the per-message tallies are handed to the SDK between collections.
+const TALLY_INTERVAL: Duration = Duration::from_secs(1);
+
+type RouteRegistry = RwLock<HashMap<&'static str, Arc<RouteInstruments>>>;
+
+/// Hands every route's per-message tallies to its SDK instruments.
+fn collect_tallies(routes: &RouteRegistry) {
+    let routes: Vec<_> = routes
+        .read()
+        .expect("route registry poisoned")
+        .values()
+        .cloned()
+        .collect();
+    for route in routes {
+        route.collect();
+    }
+}
+
 /// The recording side of telemetry that the server holds: cheap to clone.
 #[derive(Clone)]
 pub struct Events {
@@ -60,7 +78,7 @@ struct EventsInner {
     instruments: Instruments,
     /// Each route's bound instruments, made when the route is first seen (at most
     /// [`Route::MAX`]).
-    routes: Arc<RwLock<HashMap<&'static str, Arc<RouteInstruments>>>>,
+    routes: Arc<RouteRegistry>,
     ping: BoundHistogram<f64>,
     logs: LogLimiter,
     /// What the saturation gauges read: set by the server when it starts.
@@ -86,7 +104,7 @@ impl Events {
     pub(crate) fn new(meter: &Meter) -> Self {
         let instruments = Instruments::new(meter);
         let saturation = Arc::new(Saturation::default());
-        let routes: Arc<RwLock<HashMap<&'static str, Arc<RouteInstruments>>>> = Arc::default();
+        let routes: Arc<RouteRegistry> = Arc::default();
         let r = routes.clone();
         // Observes nothing, so it is never exported: the SDK runs observable callbacks before
         // each reader aggregates, and this one hands every route's per-thread message tallies
@@ -95,18 +113,24 @@ impl Events {
         meter
             .u64_observable_gauge("wsotel.internal.tally")
             .with_description("Not exported: takes in the per-message tallies at collection.")
-            .with_callback(move |_| {
-                let routes: Vec<_> = r
-                    .read()
-                    .expect("route registry poisoned")
-                    .values()
-                    .cloned()
-                    .collect();
-                for route in routes {
-                    route.collect();
-                }
-            })
+            .with_callback(move |_| collect_tallies(&r))
             .build();
+        // Between collections too, every second: what a collection hands over stays at most a
+        // second of traffic, however rarely anyone scrapes (nobody, with no OTLP and no
+        // Prometheus), so a scrape never stalls on an hour of backlog.
+        let r = Arc::downgrade(&routes);
+        let spawned = std::thread::Builder::new()
+            .name("wsotel-tally".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TALLY_INTERVAL);
+                    let Some(routes) = r.upgrade() else { return };
+                    collect_tallies(&routes);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the tally thread: metrics are handed over at collection only");
+        }
         let s = saturation.clone();
         meter
             .i64_observable_up_down_counter("websocket.server.connection.limit")
