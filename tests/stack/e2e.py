@@ -313,8 +313,12 @@ def run(wsotel_bin, tmp, procs, stop):
         # A member here hears a member on the peer instance, through NATS, until the end.
         while not stop.is_set():
             try:
-                here = wsload.WsClient(host, port, "/ws/rooms/backplane")
-                there = wsload.WsClient(peer_host, peer_port, "/ws/rooms/backplane")
+                # A short read timeout: a message lost while a room's NATS subscription is still
+                # being made must cost a quick retry, not a ten-second gap in the hop panels
+                # (which once left "Hop latency" without data for its whole check window).
+                here = wsload.WsClient(host, port, "/ws/rooms/backplane", timeout=2.0)
+                there = wsload.WsClient(peer_host, peer_port, "/ws/rooms/backplane", timeout=2.0)
+                stop.wait(0.3)  # both rooms subscribed on NATS before the first message
                 for i in range(50):
                     if stop.is_set():
                         break
@@ -326,7 +330,7 @@ def run(wsotel_bin, tmp, procs, stop):
                 here.close(1000)
                 there.close(1000)
             except Exception:  # noqa: BLE001 - a blip retries; the panels' checks say if it never worked
-                stop.wait(0.5)
+                stop.wait(0.2)
     threading.Thread(target=across_instances, daemon=True, name="across-instances").start()
 
     # 2. warm-up traffic (every kind, so every series exists) and one scrape for history ------
