@@ -11,7 +11,8 @@ What is here, by kind:
 - /proc: rss_bytes, fd_count, cpu_seconds;
 - numbers and tables: median, med, fmt;
 - run records: log, machine_info, git_state;
-- the servers the scripts start: BenchServer and run_bench (scripts/bench, scripts/bench-faults),
+- the servers the scripts start: BenchServer and run_bench (scripts/bench, scripts/bench-faults,
+  scripts/bench-rooms),
   WsotelServer, release_bins, wait_until, check and checks (scripts/load, scripts/soak);
 - stop_sink: stop a `wsotel-bench otlp-sink` and read what it received.
 
@@ -36,7 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = str(REPO)
-# The reference servers scripts/bench compares against (seed-go, node-ws), outside this repo.
+# The reference servers scripts/bench compares against (seed-go, node-ws; hub-go for
+# scripts/bench-rooms), outside this repo.
 ANCHORS = (REPO / ".." / "shared" / "anchors").resolve()
 
 # Every load client here connects from 127.0.0.1: the per-address limits (on by default, see
@@ -265,10 +267,12 @@ def git_state(repo=REPO):
 class BenchServer:
     """One server of scripts/bench's comparison, started fresh; stopped by its own PID.
 
-    `kind` is a reference server (seed-go, node-ws: from ANCHORS; axum-plain: bins["bench"]'s
-    `floor-server`, plain axum without telemetry) or a wsotel setting (wsotel-off, wsotel-prom,
-    wsotel-full; before-off, before-full run bins["before"]).
+    `kind` is a reference server (seed-go, node-ws, hub-go: from ANCHORS; axum-plain:
+    bins["bench"]'s `floor-server`, plain axum without telemetry) or a wsotel setting
+    (wsotel-off, wsotel-prom, wsotel-full; before-off, before-full run bins["before"]).
     wsotel-full exports OTLP/gRPC to `sink_addr`. Output goes to <workdir>/<kind>-<port>.log.
+    `.ws` is its echo URL, `.rooms` its room base URL (`/<room>` appended), None where it has
+    none (hub-go only has rooms, its `.ws` is the rooms URL).
     """
 
     def __init__(self, kind, bins, sink_addr, workdir):
@@ -276,7 +280,15 @@ class BenchServer:
         self.port = free_port()
         self.proc = None
         self.log_path = Path(workdir) / f"{kind}-{self.port}.log"
-        if kind == "seed-go":
+        self.rooms = None
+        if kind == "hub-go":
+            # Room fan-out as gorilla's chat example does it (scripts/bench-rooms).
+            self.cmd = [str(ANCHORS / "hub-go" / "run.sh"), "-addr", f"127.0.0.1:{self.port}"]
+            self.env = clean_env({})
+            self.rooms = f"ws://127.0.0.1:{self.port}/ws/rooms"
+            self.ws = self.rooms
+            self.metrics = f"http://127.0.0.1:{self.port}/metrics"
+        elif kind == "seed-go":
             self.cmd = [str(ANCHORS / "seed-go" / "run.sh"), "-echo", "-addr", f"127.0.0.1:{self.port}"]
             self.env = clean_env({})
             self.ws = f"ws://127.0.0.1:{self.port}/ws"
@@ -301,6 +313,7 @@ class BenchServer:
                 "--admin-listen", f"127.0.0.1:{admin}", "--max-connections", "20000",
             ]
             self.ws = f"ws://127.0.0.1:{self.port}/ws/echo"
+            self.rooms = f"ws://127.0.0.1:{self.port}/ws/rooms"
             self.metrics = f"http://127.0.0.1:{admin}/metrics"
             if kind in ("wsotel-full", "before-full"):
                 self.env = clean_env({
@@ -339,11 +352,13 @@ class BenchServer:
             self.logf.close()
 
 
-def run_bench(bins, mode, args, server, common):
-    """Runs `wsotel-bench <mode>` against a BenchServer (with --server-pid, and --scrape when the
-    server is one that gets scraped) and returns its JSON result, plus "exit" and "wall_s"; a run
-    without JSON or with a non-zero exit is {"ok": False, ...}."""
-    cmd = [str(bins["bench"]), mode, "--url", server.ws, "--server-pid", str(server.pid), "--json", *common, *args]
+def run_bench(bins, mode, args, server, common, url=None):
+    """Runs `wsotel-bench <mode>` against a BenchServer (on `url`, default its echo URL, with
+    --server-pid, and --scrape when the server is one that gets scraped) and returns its JSON
+    result, plus "exit" and "wall_s"; a run without JSON or with a non-zero exit is
+    {"ok": False, ...}."""
+    cmd = [str(bins["bench"]), mode, "--url", url or server.ws, "--server-pid", str(server.pid), "--json",
+           *common, *args]
     if server.scraped:
         cmd += ["--scrape", server.metrics]
     t0 = time.time()

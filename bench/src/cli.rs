@@ -188,6 +188,11 @@ pub struct RoomsArgs {
     /// cross-instance deliveries. Repeatable.
     #[arg(long)]
     pub also_url: Vec<String>,
+    /// A member the server closes (a slow-consumer policy, say) stops quietly and is counted
+    /// (`members_closed`, by close code) while the others go on; what it would have received
+    /// counts as missing. Without it, the first close fails the run.
+    #[arg(long)]
+    pub allow_closes: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -34,11 +34,21 @@ pub fn ns_at(t: Instant) -> u64 {
     t.saturating_duration_since(base()).as_nanos() as u64
 }
 
+/// Padding byte `i` of a payload with sequence number `seq`.
+fn pad_byte(seq: u64, i: usize) -> u8 {
+    seq as u8 ^ (i as u8).wrapping_mul(31) ^ 0xa5
+}
+
 fn pad(buf: &mut [u8], seq: u64) {
-    let s = seq as u8;
     for (i, b) in buf.iter_mut().enumerate() {
-        *b = s ^ (i as u8).wrapping_mul(31) ^ 0xa5;
+        *b = pad_byte(seq, i);
     }
+}
+
+/// Whether `buf` is the padding of sequence number `seq` (compared in place: a room member
+/// checks every one of ~150,000 deliveries a second, so no copy is made).
+fn padded(buf: &[u8], seq: u64) -> bool {
+    buf.iter().enumerate().all(|(i, &b)| b == pad_byte(seq, i))
 }
 
 /// An echo payload of `size` bytes (at least [`ECHO_HEADER`]).
@@ -123,9 +133,7 @@ pub fn check_room_message(b: &[u8], room: u32) -> Result<RoomMessage, String> {
         ));
     }
     let seq = u64_at(0);
-    let mut want = vec![0u8; b.len() - ROOM_HEADER];
-    pad(&mut want, seq);
-    if want != b[ROOM_HEADER..] {
+    if !padded(&b[ROOM_HEADER..], seq) {
         return Err("publication padding corrupted".into());
     }
     Ok(RoomMessage {

@@ -32,6 +32,12 @@ impl Report {
         self.fields.insert(key.into(), value.into());
     }
 
+    /// A field as set (tests read reports back).
+    #[cfg(test)]
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key)
+    }
+
     pub fn line(&mut self, line: impl Into<String>) {
         self.lines.push(line.into());
     }

@@ -1,7 +1,16 @@
 //! `rooms`: R rooms of M members; the first P members of each room publish at a set rate and
 //! every member checks each message it receives: intact, from its own room, never its own,
-//! and in order per publisher (a gap is a lost message). Reports deliveries per second, the
-//! share of expected deliveries that arrived, and publish-to-delivery latency.
+//! and in order per publisher (a gap is a lost message). Reports deliveries per second (and per
+//! server CPU-second with `--server-pid`), the share of expected deliveries that arrived, and
+//! publish-to-delivery latency. Missing deliveries are counted exactly: after the drain each
+//! member closes and keeps reading until the server answers its Close, counting what still
+//! arrives as late, so `missing_total` is what the server never sent. The server is only a
+//! relay of payload bytes (timestamps are the client's own clock), so any room server that
+//! sends each message to the room's other members can be measured, e.g. the Go hub of
+//! `../shared/anchors/hub-go` next to wsotel (`scripts/bench-rooms`).
+//!
+//! With `--allow-closes` a member the server closes is counted and the run goes on (a server
+//! that drops slow members is measured instead of failing the run).
 //!
 //! With `--flooders N`, N abusive clients join the first room and send text messages as fast as
 //! the socket takes them, reconnecting whenever they are closed: the report adds what they sent,
@@ -35,6 +44,8 @@ struct MemberStats {
     published_in_window: u64,
     delivered: u64,
     delivered_in_window: u64,
+    /// Publications that arrived during the closing handshake, after the drain.
+    late: u64,
     gaps: u64,
     latency: Latency,
     /// Deliveries from a publisher on another instance (`--also-url`), and their latency.
@@ -42,6 +53,8 @@ struct MemberStats {
     cross_latency: Latency,
     /// Flood messages received (text).
     flood_received: u64,
+    /// The server closed this member (with `--allow-closes`): its Close code, 1006 without one.
+    closed: Option<u16>,
 }
 
 #[derive(Default)]
@@ -146,11 +159,13 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
             counter: harness.counter.clone(),
             flooded: args.flooders > 0,
             instances: instances.len() as u32,
+            allow_closes: args.allow_closes,
         };
         let pacer = Pacer::new(Some(total_rate / npub), window.start, phase);
         tasks.push(tokio::spawn(member_loop(ws, ctx, pacer)));
     }
     let mut total = MemberStats::default();
+    let mut closed = std::collections::BTreeMap::<u16, u64>::new();
     for t in tasks {
         match t.await {
             Ok(s) => {
@@ -158,11 +173,15 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
                 total.published_in_window += s.published_in_window;
                 total.delivered += s.delivered;
                 total.delivered_in_window += s.delivered_in_window;
+                total.late += s.late;
                 total.gaps += s.gaps;
                 total.latency.merge(&s.latency);
                 total.cross_delivered += s.cross_delivered;
                 total.cross_latency.merge(&s.cross_latency);
                 total.flood_received += s.flood_received;
+                if let Some(code) = s.closed {
+                    *closed.entry(code).or_default() += 1;
+                }
             }
             Err(e) => failures.fail(format!("member task failed: {e}")),
         }
@@ -182,6 +201,10 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     }
     let (edges, scrapes) = harness.finish().await;
     let expected = total.published * (args.members as u64 - 1);
+    // Exact: every publication sent is owed to every other member, and a member reads until
+    // the server's answer to its Close, so what it never read the server never sent.
+    let missing = expected.saturating_sub(total.delivered + total.late);
+    let members_closed: u64 = closed.values().sum();
     let ratio = if expected > 0 {
         total.delivered as f64 / expected as f64
     } else {
@@ -199,6 +222,10 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     r.set("published_total", total.published);
     r.set("delivered_total", total.delivered);
     r.set("expected_total", expected);
+    r.set("late_total", total.late);
+    r.set("missing_total", missing);
+    r.set("members_closed", members_closed);
+    r.set("member_close_codes", codes_json(&closed));
     r.set("delivery_ratio", (ratio * 1e6).round() / 1e6);
     r.set("lost_in_sequence", total.gaps);
     r.set("latency_us", total.latency.to_json());
@@ -253,6 +280,21 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
         total.gaps
     ));
     r.line(format!(
+        "missing        {} (never sent by the server); {} arrived late, during the closing handshake",
+        thousands(missing as f64),
+        thousands(total.late as f64)
+    ));
+    if members_closed > 0 {
+        r.line(format!(
+            "closed         the server closed {members_closed} member(s): {}",
+            closed
+                .iter()
+                .map(|(c, n)| format!("{n} x {c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    r.line(format!(
         "latency        {} (publish to delivery)",
         total.latency.summary()
     ));
@@ -267,8 +309,20 @@ pub async fn run(args: RoomsArgs) -> Result<Report, String> {
     if total.delivered == 0 && failures.count() == 0 {
         r.error("no publication was delivered");
     }
+    if members_closed == u64::from(args.rooms * args.members) {
+        r.error("the server closed every member: nothing left to measure");
+    }
     r.failures(&failures);
     Ok(r)
+}
+
+/// `{"1008": 2}`: how many members were closed with each code.
+fn codes_json(codes: &std::collections::BTreeMap<u16, u64>) -> serde_json::Value {
+    codes
+        .iter()
+        .map(|(c, n)| (c.to_string(), serde_json::Value::from(*n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 struct MemberCtx {
@@ -285,6 +339,8 @@ struct MemberCtx {
     flooded: bool,
     /// Instances the members are spread over (member i on instance i mod N).
     instances: u32,
+    /// A member the server closes is counted, not a failure (`--allow-closes`).
+    allow_closes: bool,
 }
 
 /// One abusive client: floods the first room until the run ends, reconnecting after every
@@ -350,20 +406,141 @@ async fn flood_loop(
     stats
 }
 
+/// What one member has received so far, and the checks on each publication.
+struct Receiver<'a> {
+    ctx: &'a MemberCtx,
+    stats: MemberStats,
+    /// The last sequence number seen from each publisher.
+    last: Vec<Option<u64>>,
+    measure_start_ns: u64,
+}
+
+impl Receiver<'_> {
+    /// Checks and counts one binary message: intact, from this room, from another member that
+    /// publishes, and after that publisher's previous one. `late`: it arrived during the
+    /// closing handshake, after the drain (counted apart, so nothing the server sent is lost
+    /// from the count).
+    fn publication(&mut self, b: &[u8], late: bool) -> Result<(), String> {
+        let ctx = self.ctx;
+        let m = payload::check_room_message(b, ctx.room)?;
+        if m.publisher == ctx.member {
+            return Err("its own publication came back (rooms send to the other members)".into());
+        }
+        let Some(slot) = self.last.get_mut(m.publisher as usize) else {
+            return Err(format!(
+                "a publication from member {}, which does not publish",
+                m.publisher
+            ));
+        };
+        let stats = &mut self.stats;
+        match *slot {
+            Some(prev) if m.seq <= prev => {
+                return Err(format!(
+                    "publication {} of member {} arrived after {prev} (duplicate or reordered)",
+                    m.seq, m.publisher
+                ));
+            }
+            Some(prev) => stats.gaps += m.seq - prev - 1,
+            None => stats.gaps += m.seq,
+        }
+        *slot = Some(m.seq);
+        if late {
+            stats.late += 1;
+            return Ok(());
+        }
+        let now = Instant::now();
+        stats.delivered += 1;
+        let cross = m.publisher % ctx.instances != ctx.member % ctx.instances;
+        if cross {
+            stats.cross_delivered += 1;
+        }
+        if ctx.window.contains(now) {
+            stats.delivered_in_window += 1;
+            if m.ts_ns >= self.measure_start_ns {
+                let ns = payload::now_ns().saturating_sub(m.ts_ns);
+                stats.latency.record_ns(ns);
+                if cross {
+                    stats.cross_latency.record_ns(ns);
+                }
+            }
+        }
+        ctx.counter.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A text message: a flooder's (counted) when flooders are in the run, else a failure.
+    fn text(&mut self) -> Result<(), String> {
+        if self.ctx.flooded {
+            self.stats.flood_received += 1;
+            Ok(())
+        } else {
+            Err("a text message arrived".into())
+        }
+    }
+
+    /// The server ended the connection (`code`: its Close code, 1006 without one). With
+    /// `--allow-closes` that is counted and the member stops quietly; otherwise a failure.
+    fn closed_by_server(&mut self, code: u16, why: String) -> Result<(), String> {
+        if self.ctx.allow_closes {
+            self.stats.closed = Some(code);
+            Ok(())
+        } else {
+            Err(why)
+        }
+    }
+}
+
+/// Why a member's loop ended.
+enum Ended {
+    /// The drain is over: close the connection.
+    Drained,
+    /// The server closed it (counted), or the run stopped: nothing more to do.
+    Gone,
+}
+
 async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStats {
-    let mut stats = MemberStats::default();
-    let mut last: Vec<Option<u64>> = vec![None; ctx.publishers as usize];
-    let mut seq = 0u64;
-    let measure_start_ns = ctx.window.measure_start_ns();
-    let drain_until = ctx.window.end + DRAIN;
+    let mut rx = Receiver {
+        ctx: &ctx,
+        stats: MemberStats::default(),
+        last: vec![None; ctx.publishers as usize],
+        measure_start_ns: ctx.window.measure_start_ns(),
+    };
     let fail = |msg: String| {
         ctx.failures
             .fail(format!("room {} member {}: {msg}", ctx.room, ctx.member))
     };
+    let ended = match member_run(&mut ws, &mut rx, &mut pacer).await {
+        Ok(ended) => ended,
+        Err(e) => {
+            fail(e);
+            Ended::Gone
+        }
+    };
+    if matches!(ended, Ended::Drained)
+        && !ctx.failures.stopped()
+        && let Err(e) = close_counting(&mut ws, &mut rx).await
+    {
+        fail(e);
+    }
+    rx.stats
+}
+
+/// Publishes (if a publisher) and receives until the drain after the window is over.
+async fn member_run(
+    ws: &mut Ws,
+    rx: &mut Receiver<'_>,
+    pacer: &mut Pacer,
+) -> Result<Ended, String> {
+    let ctx = rx.ctx;
+    let drain_until = ctx.window.end + DRAIN;
+    let mut seq = 0u64;
     loop {
         let now = Instant::now();
-        if ctx.failures.stopped() || now >= drain_until {
-            break;
+        if ctx.failures.stopped() {
+            return Ok(Ended::Gone);
+        }
+        if now >= drain_until {
+            return Ok(Ended::Drained);
         }
         let publishing = ctx.publisher && now < ctx.window.end;
         let wake = if publishing {
@@ -381,104 +558,219 @@ async fn member_loop(mut ws: Ws, ctx: MemberCtx, mut pacer: Pacer) -> MemberStat
                     let msg = payload::room_message(ctx.size, ctx.room, ctx.member, seq, payload::ns_at(now));
                     seq += 1;
                     if let Err(e) = ws.send(Message::Binary(msg)).await {
-                        fail(format!("publish failed: {e}"));
-                        break;
+                        rx.closed_by_server(1006, format!("publish failed: {e}"))?;
+                        return Ok(Ended::Gone);
                     }
-                    stats.published += 1;
+                    rx.stats.published += 1;
                     if ctx.window.contains(now) {
-                        stats.published_in_window += 1;
+                        rx.stats.published_in_window += 1;
                     }
                 }
                 continue;
             }
-            _ = ctx.failures.wait_stopped() => break,
+            _ = ctx.failures.wait_stopped() => return Ok(Ended::Gone),
         };
         match got {
-            Some(Ok(Message::Binary(b))) => {
-                let m = match payload::check_room_message(&b, ctx.room) {
-                    Ok(m) => m,
-                    Err(why) => {
-                        fail(why);
-                        break;
-                    }
-                };
-                if m.publisher == ctx.member {
-                    fail("its own publication came back (rooms send to the other members)".into());
-                    break;
-                }
-                let Some(slot) = last.get_mut(m.publisher as usize) else {
-                    fail(format!(
-                        "a publication from member {}, which does not publish",
-                        m.publisher
-                    ));
-                    break;
-                };
-                match *slot {
-                    Some(prev) if m.seq <= prev => {
-                        fail(format!(
-                            "publication {} of member {} arrived after {prev} (duplicate or reordered)",
-                            m.seq, m.publisher
-                        ));
-                        break;
-                    }
-                    Some(prev) => stats.gaps += m.seq - prev - 1,
-                    None => stats.gaps += m.seq,
-                }
-                *slot = Some(m.seq);
-                let now = Instant::now();
-                stats.delivered += 1;
-                let cross = m.publisher % ctx.instances != ctx.member % ctx.instances;
-                if cross {
-                    stats.cross_delivered += 1;
-                }
-                if ctx.window.contains(now) {
-                    stats.delivered_in_window += 1;
-                    if m.ts_ns >= measure_start_ns {
-                        let ns = payload::now_ns().saturating_sub(m.ts_ns);
-                        stats.latency.record_ns(ns);
-                        if cross {
-                            stats.cross_latency.record_ns(ns);
-                        }
-                    }
-                }
-                ctx.counter.fetch_add(1, Ordering::Relaxed);
-            }
+            Some(Ok(Message::Binary(b))) => rx.publication(&b, false)?,
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-            Some(Ok(Message::Text(_))) if ctx.flooded => stats.flood_received += 1,
-            Some(Ok(Message::Text(_))) => {
-                fail("a text message arrived".into());
-                break;
-            }
+            Some(Ok(Message::Text(_))) => rx.text()?,
             Some(Ok(Message::Close(frame))) => {
-                fail(format!(
+                let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+                let why = format!(
                     "the server closed the connection ({})",
                     frame
                         .map(|f| format!("{} {}", u16::from(f.code), f.reason))
                         .unwrap_or_else(|| "no code".into())
-                ));
-                break;
+                );
+                rx.closed_by_server(code, why)?;
+                return Ok(Ended::Gone);
             }
             Some(Err(e)) => {
-                fail(format!("read failed: {e}"));
-                break;
+                rx.closed_by_server(1006, format!("read failed: {e}"))?;
+                return Ok(Ended::Gone);
             }
             None => {
-                fail("the connection ended".into());
-                break;
+                rx.closed_by_server(1006, "the connection ended".into())?;
+                return Ok(Ended::Gone);
             }
         }
     }
-    if !ctx.failures.stopped()
-        && let Err(e) = close_gracefully(&mut ws, ctx.timeout).await
-    {
-        fail(e);
-    }
-    stats
+}
+
+/// Ends a member with a normal Close and reads until the server's Close: publications still
+/// arriving are what the server had queued for this member before it answered, counted as late
+/// deliveries. With them, delivered + late is everything the server sent the member, and what
+/// the report calls missing is exactly what it never sent.
+async fn close_counting(ws: &mut Ws, rx: &mut Receiver<'_>) -> Result<(), String> {
+    use tokio_tungstenite::tungstenite::Error;
+    let timeout = rx.ctx.timeout;
+    let work = async {
+        match ws.close(None).await {
+            Ok(()) | Err(Error::ConnectionClosed | Error::AlreadyClosed) => {}
+            Err(e) => return Err(format!("sending Close failed: {e}")),
+        }
+        loop {
+            match ws.next().await {
+                None | Some(Err(Error::ConnectionClosed | Error::AlreadyClosed)) => return Ok(()),
+                Some(Ok(Message::Binary(b))) => rx.publication(&b, true)?,
+                Some(Ok(Message::Text(_))) => rx.text()?,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("closing handshake failed: {e}")),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| format!("the server did not answer Close within {timeout:?}"))?
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Mode};
+    use clap::Parser;
+    use std::sync::Mutex;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    /// A relay member: its join order and its outbound queue.
+    type Joined = (usize, mpsc::UnboundedSender<Message>);
+
+    /// What the relay below did: deliveries it dropped and deliveries it wrote.
+    #[derive(Default)]
+    struct Relayed {
+        dropped: AtomicU64,
+        written: AtomicU64,
+    }
+
+    /// A one-room relay for the tests: every binary message to every other member, except that
+    /// every `drop_every`-th delivery is dropped, and the `close_at`-th member to join is sent a
+    /// Close (1008) once `close_after` deliveries have been written to it.
+    async fn relay(drop_every: u64, close_at: usize, close_after: u64) -> (String, Arc<Relayed>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/ws/rooms", listener.local_addr().unwrap());
+        let relayed = Arc::new(Relayed::default());
+        let members: Arc<Mutex<Vec<Joined>>> = Arc::default();
+        let counted = relayed.clone();
+        tokio::spawn(async move {
+            // Deliveries considered so far (every `drop_every`-th is dropped).
+            let seen = Arc::new(AtomicU64::new(0));
+            for id in 0.. {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                let (mut sink, mut stream) = ws.split();
+                let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+                members.lock().unwrap().push((id, tx));
+                let relayed = counted.clone();
+                tokio::spawn(async move {
+                    let mut written = 0;
+                    while let Some(m) = rx.recv().await {
+                        if id == close_at && written == close_after {
+                            let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                                code: 1008.into(),
+                                reason: "slow".into(),
+                            };
+                            let _ = sink.send(Message::Close(Some(frame))).await;
+                            return;
+                        }
+                        if sink.send(m).await.is_err() {
+                            return;
+                        }
+                        written += 1;
+                        relayed.written.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+                let (members, relayed, seen) = (members.clone(), counted.clone(), seen.clone());
+                tokio::spawn(async move {
+                    while let Some(Ok(m)) = stream.next().await {
+                        if !m.is_binary() {
+                            continue;
+                        }
+                        for (other, tx) in members.lock().unwrap().iter() {
+                            if *other == id {
+                                continue;
+                            }
+                            if seen.fetch_add(1, Ordering::Relaxed) % drop_every == drop_every - 1 {
+                                relayed.dropped.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                let _ = tx.send(m.clone());
+                            }
+                        }
+                    }
+                    // Gone: its writer ends, and with both halves dropped the TCP connection
+                    // closes (a client waits for that after the closing handshake).
+                    members.lock().unwrap().retain(|(other, _)| *other != id);
+                });
+            }
+        });
+        (url, relayed)
+    }
+
+    fn rooms_args(url: &str, extra: &[&str]) -> RoomsArgs {
+        let mut argv = vec![
+            "wsotel-bench",
+            "rooms",
+            "--url",
+            url,
+            "--rooms",
+            "1",
+            "--members",
+            "6",
+            "--publishers",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "1s",
+            "--warmup",
+            "0s",
+        ];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).unwrap().mode {
+            Mode::Rooms(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn field(r: &Report, key: &str) -> u64 {
+        r.get(key)
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("{key}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missing_deliveries_are_counted_exactly() {
+        let (url, relayed) = relay(7, usize::MAX, 0).await;
+        let r = run(rooms_args(&url, &[])).await.unwrap();
+        r.print(true);
+        assert!(r.ok());
+        let (expected, missing) = (field(&r, "expected_total"), field(&r, "missing_total"));
+        assert!(expected > 0);
+        assert_eq!(missing, relayed.dropped.load(Ordering::Relaxed));
+        assert_eq!(missing, expected - relayed.written.load(Ordering::Relaxed));
+        assert_eq!(field(&r, "members_closed"), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_the_server_closes_is_counted_with_allow_closes() {
+        // The fourth member to join (not a publisher) is closed after 20 deliveries.
+        let (url, relayed) = relay(u64::MAX, 3, 20).await;
+        let r = run(rooms_args(&url, &["--allow-closes"])).await.unwrap();
+        r.print(true);
+        assert!(r.ok());
+        assert_eq!(field(&r, "members_closed"), 1);
+        assert_eq!(
+            r.get("member_close_codes"),
+            Some(&serde_json::json!({"1008": 1}))
+        );
+        assert_eq!(
+            field(&r, "missing_total"),
+            field(&r, "expected_total") - relayed.written.load(Ordering::Relaxed)
+        );
+        // Without the flag, the same close fails the run.
+        let (url, _) = relay(u64::MAX, 3, 20).await;
+        assert!(!run(rooms_args(&url, &[])).await.unwrap().ok());
+    }
 
     #[test]
     fn room_urls() {
