@@ -269,17 +269,21 @@ struct Counts {
 
 impl Counts {
     /// Hands `sink` what `self` has that `last` (the previous copy of the same shard) had not.
+    /// Differences wrap, as the cells do: a sum of nanoseconds may pass `u64::MAX` in a
+    /// long-lived process, and the increment since the last copy is still right.
     fn fold_into(&self, last: &Counts, sink: &mut impl Sink) {
         for (d, (now, then)) in self.messages.iter().zip(&last.messages).enumerate() {
             for (k, (now, then)) in now.iter().zip(then).enumerate() {
-                if now > then {
-                    sink.messages(d, k, now - then);
+                let n = now.wrapping_sub(*then);
+                if n > 0 {
+                    sink.messages(d, k, n);
                 }
             }
         }
         for (d, (now, then)) in self.io.iter().zip(&last.io).enumerate() {
-            if now > then {
-                sink.io(d, now - then);
+            let n = now.wrapping_sub(*then);
+            if n > 0 {
+                sink.io(d, n);
             }
         }
         for (d, (now, then)) in self.size.iter().zip(&last.size).enumerate() {
@@ -320,11 +324,11 @@ impl<const N: usize> HistogramCounts<N> {
         let new_min = (self.min < last.min).then_some(self.min);
         let new_max = (self.max > last.max).then_some(self.max);
         for b in 0..N {
-            let mut count = self.count[b] - last.count[b];
+            let mut count = self.count[b].wrapping_sub(last.count[b]);
             if count == 0 {
                 continue;
             }
-            let mut sum = self.sum[b] - last.sum[b];
+            let mut sum = self.sum[b].wrapping_sub(last.sum[b]);
             let mut exact = |v: u64| {
                 record(v);
                 count -= 1;
