@@ -51,7 +51,7 @@ pub mod buckets {
 
 /// The instruments of one route, bound to their attribute sets once at startup.
 ///
-/// The per-message ones are recorded through the route's [`Tally`]: a per-thread shard that
+/// The per-message ones are recorded through the route's tally: a per-thread shard that
 /// the SDK instruments take in at each collection (see the `tally` module).
 pub struct RouteInstruments {
     pub(crate) route: Route,
