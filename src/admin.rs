@@ -38,7 +38,14 @@ pub fn router(telemetry: Arc<Telemetry>, sockets: &WebSockets) -> Router {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    match s.telemetry.render_prometheus() {
+    // A collection hands the per-thread message tallies to the SDK (up to a second of traffic,
+    // one record per histogram value): on a blocking thread, not on a worker serving WebSockets.
+    let telemetry = s.telemetry.clone();
+    let rendered = tokio::task::spawn_blocking(move || telemetry.render_prometheus())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    match rendered {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
