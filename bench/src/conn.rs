@@ -213,6 +213,16 @@ pub async fn try_connect_many(
 
 /// Sends a normal Close and waits for the server's Close, ignoring data still arriving.
 pub async fn close_gracefully(ws: &mut Ws, timeout: Duration) -> Result<(), String> {
+    close_reading(ws, timeout, |_| Ok(())).await
+}
+
+/// Sends a normal Close and waits for the server's Close, handing every message that still
+/// arrives meanwhile to `on_message` (an error from it ends the wait with that error).
+pub async fn close_reading(
+    ws: &mut Ws,
+    timeout: Duration,
+    mut on_message: impl FnMut(tokio_tungstenite::tungstenite::Message) -> Result<(), String>,
+) -> Result<(), String> {
     use tokio_tungstenite::tungstenite::Error;
     let work = async {
         match ws.close(None).await {
@@ -222,7 +232,7 @@ pub async fn close_gracefully(ws: &mut Ws, timeout: Duration) -> Result<(), Stri
         loop {
             match ws.next().await {
                 None | Some(Err(Error::ConnectionClosed | Error::AlreadyClosed)) => return Ok(()),
-                Some(Ok(_)) => {}
+                Some(Ok(msg)) => on_message(msg)?,
                 Some(Err(e)) => return Err(format!("closing handshake failed: {e}")),
             }
         }

@@ -25,7 +25,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::RoomsArgs;
-use crate::conn::{Connector, Ws, close_gracefully, connect_many};
+use crate::conn::{Connector, Ws, close_gracefully, close_reading, connect_many};
 use crate::hist::Latency;
 use crate::payload;
 use crate::report::{Report, thousands};
@@ -602,26 +602,13 @@ async fn member_run(
 /// deliveries. With them, delivered + late is everything the server sent the member, and what
 /// the report calls missing is exactly what it never sent.
 async fn close_counting(ws: &mut Ws, rx: &mut Receiver<'_>) -> Result<(), String> {
-    use tokio_tungstenite::tungstenite::Error;
     let timeout = rx.ctx.timeout;
-    let work = async {
-        match ws.close(None).await {
-            Ok(()) | Err(Error::ConnectionClosed | Error::AlreadyClosed) => {}
-            Err(e) => return Err(format!("sending Close failed: {e}")),
-        }
-        loop {
-            match ws.next().await {
-                None | Some(Err(Error::ConnectionClosed | Error::AlreadyClosed)) => return Ok(()),
-                Some(Ok(Message::Binary(b))) => rx.publication(&b, true)?,
-                Some(Ok(Message::Text(_))) => rx.text()?,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(format!("closing handshake failed: {e}")),
-            }
-        }
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| format!("the server did not answer Close within {timeout:?}"))?
+    close_reading(ws, timeout, |msg| match msg {
+        Message::Binary(b) => rx.publication(&b, true),
+        Message::Text(_) => rx.text(),
+        _ => Ok(()),
+    })
+    .await
 }
 
 #[cfg(test)]
