@@ -53,7 +53,7 @@ macro_rules! connection_line {
 /// How often the per-message tallies are handed to the SDK between collections.
 const TALLY_INTERVAL: Duration = Duration::from_secs(1);
 
-type RouteRegistry = RwLock<HashMap<&'static str, Arc<RouteInstruments>>>;
+pub(crate) type RouteRegistry = RwLock<HashMap<&'static str, Arc<RouteInstruments>>>;
 
 /// Hands every route's per-message tallies to its SDK instruments.
 fn collect_tallies(routes: &RouteRegistry) {
@@ -101,10 +101,11 @@ pub struct Saturation {
 }
 
 impl Events {
-    pub(crate) fn new(meter: &Meter) -> Self {
+    /// Every instrument on `meter`; `routes` is where each route's instruments go when the
+    /// route is first seen (shared with what reads the per-message histograms).
+    pub(crate) fn new(meter: &Meter, routes: Arc<RouteRegistry>) -> Self {
         let instruments = Instruments::new(meter);
         let saturation = Arc::new(Saturation::default());
-        let routes: Arc<RouteRegistry> = Arc::default();
         let r = routes.clone();
         // Observes nothing, so it is never exported: the SDK runs observable callbacks before
         // each reader aggregates, and this one hands every route's per-thread message tallies

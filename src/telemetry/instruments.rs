@@ -3,21 +3,24 @@
 //!
 //! Handlers never touch an instrument: they call an event (`connection_opened`,
 //! `message_received`, `handshake_rejected`...), and this module decides the name, unit,
-//! attributes and log line. The per-message instruments are bound to their attribute set when
+//! attributes and log line. The per-route instruments are bound to their attribute set when
 //! the route is first seen (`experimental_metrics_bound_instruments` in the SDK), so recording
 //! does no attribute lookup and no allocation; the per-message ones are tallied per thread and
-//! handed to them at collection (module `tally`), so the hot path shares no cache line with
-//! another thread either.
+//! handed over at collection (module `tally`), so the hot path shares no cache line with
+//! another thread either. The two per-message histograms are not SDK instruments at all: the
+//! route keeps their totals, and `/metrics` and the OTLP export read them (module
+//! `message_histograms`).
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{
-    BoundCounter, BoundHistogram, BoundUpDownCounter, Counter, Histogram, Meter, UpDownCounter,
+    BoundCounter, BoundUpDownCounter, Counter, Histogram, Meter, UpDownCounter,
 };
 
 use super::labels::{Direction, MessageType, Route};
-use super::tally::{self, Sink, Tally};
+use super::tally::{self, Cumulative, DURATION_BUCKETS, SIZE_BUCKETS, Sink, Tally};
 
 const ROUTE: &str = "http.route";
 const DIRECTION: &str = "network.io.direction";
@@ -51,42 +54,56 @@ pub mod buckets {
 
 /// The instruments of one route, bound to their attribute sets once at startup.
 ///
-/// The per-message ones are recorded through the route's tally: a per-thread shard that
-/// the SDK instruments take in at each collection (see the `tally` module).
+/// The per-message ones are recorded through the route's tally: a per-thread shard that is
+/// handed over at each collection (see the `tally` module).
 pub struct RouteInstruments {
     pub(crate) route: Route,
     pub(crate) active: BoundUpDownCounter<i64>,
     pub(crate) accepted: BoundCounter<u64>,
     tally: Tally,
     sdk: PerMessage,
+    /// The per-message histograms since the process started, as of the last hand-over.
+    totals: Mutex<MessageTotals>,
 }
 
-/// The SDK's per-message instruments of one route, fed by its tally at collection.
+/// The SDK's per-message counters of one route, fed by its tally at collection.
 struct PerMessage {
     /// `[direction][message type]`
     messages: [[BoundCounter<u64>; 5]; 2],
     /// `[direction]`
     io: [BoundCounter<u64>; 2],
-    /// `[direction]`
-    size: [BoundHistogram<u64>; 2],
-    message_duration: BoundHistogram<f64>,
 }
 
-impl Sink for &PerMessage {
+/// `websocket.server.message.size` and `websocket.server.message.duration` of one route.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct MessageTotals {
+    /// Payload bytes, `[direction]`.
+    pub(crate) size: [Cumulative<SIZE_BUCKETS>; 2],
+    /// Handling time in nanoseconds.
+    pub(crate) duration: Cumulative<DURATION_BUCKETS>,
+}
+
+/// One hand-over: counters to the SDK, histograms to the route's totals.
+struct Handover<'a> {
+    sdk: &'a PerMessage,
+    totals: &'a mut MessageTotals,
+}
+
+impl Sink for Handover<'_> {
     fn messages(&mut self, direction: usize, kind: usize, n: u64) {
-        self.messages[direction][kind].add(n);
+        self.sdk.messages[direction][kind].add(n);
     }
 
     fn io(&mut self, direction: usize, n: u64) {
-        self.io[direction].add(n);
+        self.sdk.io[direction].add(n);
     }
 
-    fn size(&mut self, direction: usize, len: u64) {
-        self.size[direction].record(len);
+    fn sizes(&mut self, direction: usize, added: &Cumulative<SIZE_BUCKETS>) {
+        self.totals.size[direction].add(added);
     }
 
-    fn duration(&mut self, nanos: u64) {
-        self.message_duration.record(tally::seconds(nanos));
+    fn durations(&mut self, added: &Cumulative<DURATION_BUCKETS>) {
+        self.totals.duration.add(added);
     }
 }
 
@@ -110,11 +127,8 @@ impl RouteInstruments {
                     })
                 }),
                 io: Direction::ALL.map(|d| meter_instruments.io.bind(&per_direction(d))),
-                size: Direction::ALL.map(|d| meter_instruments.size.bind(&per_direction(d))),
-                message_duration: meter_instruments
-                    .message_duration
-                    .bind(std::slice::from_ref(&r)),
             },
+            totals: Mutex::default(),
         }
     }
 
@@ -148,10 +162,27 @@ impl RouteInstruments {
         self.tally.record(|c| c.duration(nanos, bucket));
     }
 
-    /// Hands the SDK instruments what was recorded since the last collection. Called by the
-    /// collection callback before every metric reader aggregates.
+    /// Hands over what was recorded since the last collection: to the SDK counters and the
+    /// histogram totals. Called by the collection callback before every metric reader
+    /// aggregates, by `/metrics` before it reads the totals, and every second.
     pub(crate) fn collect(&self) {
-        self.tally.flush(&mut &self.sdk);
+        let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        self.tally.flush(&mut Handover {
+            sdk: &self.sdk,
+            totals: &mut totals,
+        });
+    }
+
+    /// Records a handling time of exactly `nanos` (tests that need a known value).
+    #[cfg(test)]
+    pub(crate) fn record_duration(&self, nanos: u64) {
+        let bucket = tally::duration_bucket(nanos);
+        self.tally.record(|c| c.duration(nanos, bucket));
+    }
+
+    /// The per-message histograms as of the last hand-over.
+    pub(crate) fn totals(&self) -> MessageTotals {
+        *self.totals.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -163,8 +194,6 @@ pub(crate) struct Instruments {
     pub(crate) connection_duration: Histogram<f64>,
     pub(crate) messages: Counter<u64>,
     pub(crate) io: Counter<u64>,
-    pub(crate) size: Histogram<u64>,
-    pub(crate) message_duration: Histogram<f64>,
     pub(crate) ping_duration: Histogram<f64>,
     pub(crate) errors: Counter<u64>,
     pub(crate) dropped: Counter<u64>,
@@ -213,20 +242,6 @@ impl Instruments {
                 .u64_counter("websocket.server.io")
                 .with_unit("By")
                 .with_description("Payload bytes of data messages, by direction.")
-                .build(),
-            size: meter
-                .u64_histogram("websocket.server.message.size")
-                .with_unit("By")
-                .with_description("Payload size of data messages, by direction.")
-                .with_boundaries(buckets::MESSAGE_BYTES.to_vec())
-                .build(),
-            message_duration: meter
-                .f64_histogram("websocket.server.message.duration")
-                .with_unit("s")
-                .with_description(
-                    "Server time from a message received to its echo written or broadcast queued.",
-                )
-                .with_boundaries(buckets::MESSAGE_SECONDS.to_vec())
                 .build(),
             ping_duration: meter
                 .f64_histogram("websocket.server.ping.duration")

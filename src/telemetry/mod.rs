@@ -12,6 +12,7 @@ pub mod instruments;
 pub mod labels;
 pub mod log_limit;
 pub mod logging;
+mod message_histograms;
 pub mod otlp;
 pub mod process;
 pub mod settings;
@@ -72,6 +73,8 @@ pub struct Telemetry {
     logger_provider: Option<SdkLoggerProvider>,
     spans: Option<Spans>,
     registry: prometheus::Registry,
+    /// The per-message histograms, which `/metrics` reads beside the registry.
+    histograms: std::sync::Arc<message_histograms::MessageHistograms>,
     events: Events,
     settings: OtlpSettings,
 }
@@ -107,10 +110,18 @@ impl Telemetry {
             .with_resource_selector(keys)
             .build()
             .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
+        let routes = std::sync::Arc::<events::RouteRegistry>::default();
+        let histograms = std::sync::Arc::new(message_histograms::MessageHistograms::new(
+            routes.clone(),
+            &resource,
+            &PROMOTED_RESOURCE_KEYS,
+        ));
         let mut meters = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(exporter);
-        if let Some(reader) = otlp::metric_reader(settings).map_err(TelemetryError::Config)? {
+        if let Some(reader) =
+            otlp::metric_reader(settings, &histograms).map_err(TelemetryError::Config)?
+        {
             meters = meters.with_reader(reader);
         }
         let meter_provider = meters.build();
@@ -124,19 +135,15 @@ impl Telemetry {
             otlp::tracer_provider(settings, &resource).map_err(TelemetryError::Config)?;
         let logger_provider =
             otlp::logger_provider(settings, &resource).map_err(TelemetryError::Config)?;
-        let spans = tracer_provider.as_ref().map(|tp| {
-            Spans::new(
-                tp,
-                settings.sampler.sampler(),
-                settings.sampler.samples_roots(),
-            )
-        });
+        let spans = tracer_provider
+            .as_ref()
+            .map(|tp| Spans::new(tp, settings.sampler));
         let meter = meter_provider.meter_with_scope(
             opentelemetry::InstrumentationScope::builder(SCOPE)
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
         );
-        let events = Events::new(&meter);
+        let events = Events::new(&meter, routes);
         process::register(&meter);
         Ok(Telemetry {
             resource,
@@ -145,6 +152,7 @@ impl Telemetry {
             logger_provider,
             spans,
             registry,
+            histograms,
             events,
             settings: settings.clone(),
         })
@@ -185,7 +193,12 @@ impl Telemetry {
     pub fn render_prometheus(&self) -> Result<String, TelemetryError> {
         use prometheus::Encoder;
         let mut out = Vec::with_capacity(16 * 1024);
-        prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        // Gathering runs the collection callbacks, which hand the tallies over: the histogram
+        // totals read after it count every message the counters count.
+        let mut families = self.registry.gather();
+        families.extend(self.histograms.prometheus());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        prometheus::TextEncoder::new().encode(&families, &mut out)?;
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 

@@ -5,6 +5,7 @@
 //! dropped beyond), metrics are aggregates. Exports run on the SDK's own threads, never on the
 //! server's runtime workers, so a slow or absent collector cannot slow message handling.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
@@ -13,6 +14,7 @@ use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::{PeriodicReader, Temporality};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
+use super::message_histograms::{HistogramExporter, MessageHistograms};
 use super::settings::{Export, OtlpSettings, Protocol};
 use super::traces::MessageAwareSampler;
 
@@ -107,16 +109,24 @@ pub(crate) fn logger_provider(
 }
 
 /// The periodic OTLP metric reader, when metrics are exported. Cumulative, like the
-/// Prometheus reader, so both paths report the same values.
+/// Prometheus reader, so both paths report the same values. Every export also sends the
+/// per-message `histograms`, which are not SDK instruments.
 pub(crate) fn metric_reader(
     settings: &OtlpSettings,
-) -> Result<Option<PeriodicReader<opentelemetry_otlp::MetricExporter>>, String> {
+    histograms: &Arc<MessageHistograms>,
+) -> Result<Option<PeriodicReader<HistogramExporter<opentelemetry_otlp::MetricExporter>>>, String> {
     let Some(export) = &settings.metrics else {
         return Ok(None);
     };
     let exporter = build_exporter!(
         opentelemetry_otlp::MetricExporter::builder().with_temporality(Temporality::Cumulative),
         export
+    )?;
+    let exporter = HistogramExporter::new(
+        exporter,
+        histograms.clone(),
+        export,
+        metadata(&export.headers)?,
     )?;
     Ok(Some(
         PeriodicReader::builder(exporter)

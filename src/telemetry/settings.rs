@@ -113,6 +113,16 @@ impl SamplerSetting {
     }
 
     /// Whether root spans can ever be sampled (message spans are roots).
+    /// The probability that a root span (a message span is one) is sampled.
+    pub fn root_ratio(self) -> f64 {
+        match self {
+            SamplerSetting::AlwaysOn | SamplerSetting::ParentAlwaysOn => 1.0,
+            SamplerSetting::AlwaysOff | SamplerSetting::ParentAlwaysOff => 0.0,
+            SamplerSetting::Ratio(r) | SamplerSetting::ParentRatio(r) => r.clamp(0.0, 1.0),
+        }
+    }
+
+    /// Whether a root span can be sampled at all.
     pub fn samples_roots(self) -> bool {
         !matches!(
             self,

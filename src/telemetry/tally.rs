@@ -12,16 +12,16 @@
 //! without its sum. When a metric reader collects (a `/metrics` scrape, an OTLP export, the last
 //! export at shutdown), the SDK first runs the observable callbacks, and one of them calls
 //! [`Tally::flush`]: the increments since the last flush go into the route's bound SDK
-//! instruments, then the SDK aggregates as before. Every collection therefore sees every message
+//! counters and its histogram totals, then the SDK aggregates as before. Every collection therefore sees every message
 //! recorded before it started, once; a connection closing changes nothing (shards belong to
 //! threads, not connections), and a thread that exits hands its shard to the next thread.
 //!
 //! Histograms keep, per bucket, a count and a sum, plus each shard's smallest and largest value
-//! ever. A flush records, per bucket, as many values as arrived, with the exact bucket, the
-//! exact sum and (when the batch holds a new smallest or largest value) that exact value; the
-//! others are the batch's mean in that bucket, which lies between two values that really
-//! arrived. So `count`, `sum`, every bucket, `min` and `max` read exactly what recording each
-//! value would have given, under cumulative temporality.
+//! ever. A flush hands over, per bucket, how many values arrived and their sum, with the shard's
+//! smallest and largest: the sink adds them to the route's running [`Cumulative`] totals, so a
+//! flush costs the same whether a thousand values arrived or a million. `/metrics` and the OTLP
+//! export read those totals (module `message_histograms`): the SDK's histograms take one value
+//! at a time, which cost three records per message per reader.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering, fence};
@@ -92,16 +92,58 @@ impl Tally {
     }
 }
 
-/// Where a flush puts what it took: the route's bound SDK instruments (or a test's record).
+/// Where a flush puts what it took: the route's bound SDK counters and histogram totals (or a
+/// test's record).
 pub(crate) trait Sink {
     /// `websocket.server.messages` of `[direction][message type]` grew by `n`.
     fn messages(&mut self, direction: usize, kind: usize, n: u64);
     /// `websocket.server.io` of `direction` grew by `n` bytes.
     fn io(&mut self, direction: usize, n: u64);
-    /// A payload of `len` bytes for `websocket.server.message.size` of `direction`.
-    fn size(&mut self, direction: usize, len: u64);
-    /// A handling time of `nanos` for `websocket.server.message.duration`.
-    fn duration(&mut self, nanos: u64);
+    /// Payload sizes that arrived for `websocket.server.message.size` of `direction`.
+    fn sizes(&mut self, direction: usize, added: &Cumulative<SIZE_BUCKETS>);
+    /// Handling times, in nanoseconds, for `websocket.server.message.duration`.
+    fn durations(&mut self, added: &Cumulative<DURATION_BUCKETS>);
+}
+
+/// A histogram's totals: per bucket counts, the exact sum (a `u128` of bytes or nanoseconds
+/// does not wrap in any process's lifetime), the smallest and the largest value. What a flush
+/// hands over (the values since the last one, with the shard's extremes) and what the route
+/// keeps since the process started.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Cumulative<const N: usize> {
+    pub(crate) counts: [u64; N],
+    pub(crate) sum: u128,
+    /// `u64::MAX` while empty.
+    pub(crate) min: u64,
+    pub(crate) max: u64,
+}
+
+impl<const N: usize> Default for Cumulative<N> {
+    fn default() -> Self {
+        Cumulative {
+            counts: [0; N],
+            sum: 0,
+            min: u64::MAX,
+            max: 0,
+        }
+    }
+}
+
+impl<const N: usize> Cumulative<N> {
+    /// Values counted.
+    pub(crate) fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Takes in `other`'s values.
+    pub(crate) fn add(&mut self, other: &Cumulative<N>) {
+        for (c, o) in self.counts.iter_mut().zip(&other.counts) {
+            *c += o;
+        }
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
 }
 
 /// The cells one thread writes. Only its writer changes them, with a load and a store (the
@@ -138,7 +180,8 @@ pub(crate) fn size_bucket(len: u64) -> usize {
     bucket_of(buckets::MESSAGE_BYTES, len as f64)
 }
 
-/// The bucket of a handling time of `nanos`, as the SDK would place `seconds(nanos)`.
+/// The bucket of a handling time of `nanos`: where `seconds(nanos)` goes against the bounds
+/// in seconds.
 #[inline]
 pub(crate) fn duration_bucket(nanos: u64) -> usize {
     bucket_of(buckets::MESSAGE_SECONDS, seconds(nanos))
@@ -287,12 +330,13 @@ impl Counts {
             }
         }
         for (d, (now, then)) in self.size.iter().zip(&last.size).enumerate() {
-            now.values_since(then, size_bucket, |len| sink.size(d, len));
+            if let Some(added) = now.since(then) {
+                sink.sizes(d, &added);
+            }
         }
-        self.duration
-            .values_since(&last.duration, duration_bucket, |nanos| {
-                sink.duration(nanos)
-            });
+        if let Some(added) = self.duration.since(&last.duration) {
+            sink.durations(&added);
+        }
     }
 }
 
@@ -316,38 +360,19 @@ impl<const N: usize> Default for HistogramCounts<N> {
 }
 
 impl<const N: usize> HistogramCounts<N> {
-    /// Values that, recorded one by one, add exactly what arrived since `last`: per bucket the
-    /// same count and sum, and the shard's new smallest or largest value itself when this batch
-    /// brought one. The rest are the batch's mean in their bucket (the remainder spread one
-    /// unit at a time), which lies between values that really arrived there.
-    fn values_since(&self, last: &Self, bucket: fn(u64) -> usize, mut record: impl FnMut(u64)) {
-        let new_min = (self.min < last.min).then_some(self.min);
-        let new_max = (self.max > last.max).then_some(self.max);
+    /// What arrived since `last` (the previous copy of the same shard), with the shard's
+    /// extremes so far; `None` when nothing did.
+    fn since(&self, last: &Self) -> Option<Cumulative<N>> {
+        let mut added = Cumulative {
+            min: self.min,
+            max: self.max,
+            ..Cumulative::default()
+        };
         for b in 0..N {
-            let mut count = self.count[b].wrapping_sub(last.count[b]);
-            if count == 0 {
-                continue;
-            }
-            let mut sum = self.sum[b].wrapping_sub(last.sum[b]);
-            let mut exact = |v: u64| {
-                record(v);
-                count -= 1;
-                sum -= v;
-            };
-            if let Some(min) = new_min.filter(|&v| bucket(v) == b) {
-                exact(min);
-            }
-            if let Some(max) = new_max.filter(|&v| bucket(v) == b && Some(v) != new_min) {
-                exact(max);
-            }
-            if count == 0 {
-                continue;
-            }
-            let (mean, extra) = (sum / count, sum % count);
-            for i in 0..count {
-                record(mean + u64::from(i < extra));
-            }
+            added.counts[b] = self.count[b].wrapping_sub(last.count[b]);
+            added.sum += u128::from(self.sum[b].wrapping_sub(last.sum[b]));
         }
+        (added.count() > 0).then_some(added)
     }
 }
 
@@ -396,8 +421,9 @@ mod tests {
     struct Record {
         messages: [[u64; 5]; 2],
         io: [u64; 2],
-        sizes: [Vec<u64>; 2],
-        durations: Vec<u64>,
+        sizes: [Cumulative<SIZE_BUCKETS>; 2],
+        durations: Cumulative<DURATION_BUCKETS>,
+        flushes_with_sizes: usize,
     }
 
     impl Sink for Record {
@@ -407,11 +433,12 @@ mod tests {
         fn io(&mut self, d: usize, n: u64) {
             self.io[d] += n;
         }
-        fn size(&mut self, d: usize, len: u64) {
-            self.sizes[d].push(len);
+        fn sizes(&mut self, d: usize, added: &Cumulative<SIZE_BUCKETS>) {
+            self.sizes[d].add(added);
+            self.flushes_with_sizes += 1;
         }
-        fn duration(&mut self, nanos: u64) {
-            self.durations.push(nanos);
+        fn durations(&mut self, added: &Cumulative<DURATION_BUCKETS>) {
+            self.durations.add(added);
         }
     }
 
@@ -422,18 +449,16 @@ mod tests {
         });
     }
 
-    /// What recording `values` one by one into the SDK's histogram would keep.
-    fn summary(values: &[u64], bucket: fn(u64) -> usize, n: usize) -> (Vec<u64>, u64, u64, u64) {
-        let mut counts = vec![0; n];
+    /// What recording `values` one by one into a histogram would keep.
+    fn summary<const N: usize>(values: &[u64], bucket: fn(u64) -> usize) -> Cumulative<N> {
+        let mut h = Cumulative::default();
         for &v in values {
-            counts[bucket(v)] += 1;
+            h.counts[bucket(v)] += 1;
+            h.sum += u128::from(v);
+            h.min = h.min.min(v);
+            h.max = h.max.max(v);
         }
-        (
-            counts,
-            values.iter().sum(),
-            values.iter().copied().min().unwrap_or(u64::MAX),
-            values.iter().copied().max().unwrap_or(0),
-        )
+        h
     }
 
     #[test]
@@ -451,16 +476,15 @@ mod tests {
         }
         tally.flush(&mut sink);
         tally.flush(&mut sink); // nothing new: nothing handed over
+        assert_eq!(sink.flushes_with_sizes, 2);
 
         let all: Vec<u64> = first.iter().chain(&second).copied().collect();
         assert_eq!(sink.messages[1][0], 11);
         assert_eq!(sink.io[1], all.iter().sum::<u64>());
-        assert_eq!(sink.sizes[1].len(), 11);
-        assert_eq!(
-            summary(&sink.sizes[1], size_bucket, SIZE_BUCKETS),
-            summary(&all, size_bucket, SIZE_BUCKETS)
-        );
-        assert!(sink.sizes[0].is_empty() && sink.io[0] == 0);
+        assert_eq!(sink.sizes[1].count(), 11);
+        assert_eq!(sink.sizes[1], summary(&all, size_bucket));
+        assert_eq!(sink.sizes[0], Cumulative::default());
+        assert_eq!(sink.io[0], 0);
     }
 
     #[test]
@@ -492,10 +516,7 @@ mod tests {
             .chain(&[6_000, 6_001, 6_002, 9_000])
             .copied()
             .collect();
-        assert_eq!(
-            summary(&sink.durations, duration_bucket, DURATION_BUCKETS),
-            summary(&all, duration_bucket, DURATION_BUCKETS)
-        );
+        assert_eq!(sink.durations, summary(&all, duration_bucket));
     }
 
     #[test]
@@ -525,10 +546,7 @@ mod tests {
             .collect();
         assert_eq!(sink.messages[1][0], 200_000);
         assert_eq!(sink.io[1], all.iter().sum::<u64>());
-        assert_eq!(
-            summary(&sink.sizes[1], size_bucket, SIZE_BUCKETS),
-            summary(&all, size_bucket, SIZE_BUCKETS)
-        );
+        assert_eq!(sink.sizes[1], summary(&all, size_bucket));
     }
 
     #[test]
@@ -541,6 +559,6 @@ mod tests {
         let mut sink = Record::default();
         tally.flush(&mut sink);
         assert_eq!(sink.messages[1][0], (SLOTS * 2) as u64);
-        assert_eq!(sink.sizes[1], vec![10; SLOTS * 2]);
+        assert_eq!(sink.sizes[1], summary(&[10; SLOTS * 2], size_bucket));
     }
 }
