@@ -174,29 +174,55 @@ impl Cells {
     }
 }
 
-/// The bucket of a payload of `len` bytes, as the SDK would place it.
+/// `buckets::MESSAGE_BYTES` as integers (a test holds them equal).
+const SIZE_BOUNDS: [u64; SIZE_BUCKETS - 1] =
+    [16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576];
+
+/// `buckets::MESSAGE_SECONDS` in nanoseconds (a test holds them equal).
+const DURATION_BOUNDS: [u64; DURATION_BUCKETS - 1] = [
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    1_000_000_000,
+];
+
+/// The bucket of a payload of `len` bytes.
 #[inline]
 pub(crate) fn size_bucket(len: u64) -> usize {
-    bucket_of(buckets::MESSAGE_BYTES, len as f64)
+    bucket_of(&SIZE_BOUNDS, len)
 }
 
-/// The bucket of a handling time of `nanos`: where `seconds(nanos)` goes against the bounds
-/// in seconds.
+/// The bucket of a handling time of `nanos`.
 #[inline]
 pub(crate) fn duration_bucket(nanos: u64) -> usize {
-    bucket_of(buckets::MESSAGE_SECONDS, seconds(nanos))
+    bucket_of(&DURATION_BOUNDS, nanos)
 }
 
-/// Nanoseconds as the seconds the duration histogram records.
-#[inline]
+/// Nanoseconds as seconds, the unit the duration histogram is published in.
+#[cfg(test)]
 pub(crate) fn seconds(nanos: u64) -> f64 {
     nanos as f64 / 1e9
 }
 
-/// The SDK's rule: bucket `i` holds `bounds[i - 1] < v <= bounds[i]`.
+/// Bucket `i` holds `bounds[i - 1] < v <= bounds[i]` (OpenTelemetry's explicit buckets, and
+/// Prometheus' `le`): the number of bounds below `v`. A branch-free count over a dozen
+/// integers; comparing floats in a binary search was half of the cost of recording a
+/// handling time.
 #[inline]
-fn bucket_of(bounds: &[f64], v: f64) -> usize {
-    bounds.partition_point(|&b| b < v)
+fn bucket_of<const N: usize>(bounds: &[u64; N], v: u64) -> usize {
+    bounds.iter().map(|&b| usize::from(b < v)).sum()
 }
 
 #[inline]
@@ -485,6 +511,42 @@ mod tests {
         assert_eq!(sink.sizes[1], summary(&all, size_bucket));
         assert_eq!(sink.sizes[0], Cumulative::default());
         assert_eq!(sink.io[0], 0);
+    }
+
+    /// The integer bounds are the published ones, and place every value where comparing it,
+    /// in the published unit, against the published bounds would.
+    #[test]
+    fn integer_bounds_place_values_as_the_published_bounds_do() {
+        let float = |bounds: &[f64], v: f64| bounds.partition_point(|&b| b < v);
+        assert_eq!(
+            SIZE_BOUNDS.map(|b| b as f64).to_vec(),
+            buckets::MESSAGE_BYTES.to_vec()
+        );
+        assert_eq!(
+            DURATION_BOUNDS.map(|b| b as f64 / 1e9).to_vec(),
+            buckets::MESSAGE_SECONDS.to_vec()
+        );
+        for b in SIZE_BOUNDS {
+            for v in [b - 1, b, b + 1, b * 3 / 2] {
+                assert_eq!(
+                    size_bucket(v),
+                    float(buckets::MESSAGE_BYTES, v as f64),
+                    "{v} B"
+                );
+            }
+        }
+        for b in DURATION_BOUNDS {
+            for v in [b - 1, b, b + 1, b * 3 / 2] {
+                assert_eq!(
+                    duration_bucket(v),
+                    float(buckets::MESSAGE_SECONDS, seconds(v)),
+                    "{v} ns"
+                );
+            }
+        }
+        assert_eq!(size_bucket(0), 0);
+        assert_eq!(size_bucket(u64::MAX), SIZE_BUCKETS - 1);
+        assert_eq!(duration_bucket(u64::MAX), DURATION_BUCKETS - 1);
     }
 
     #[test]

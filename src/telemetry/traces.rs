@@ -67,7 +67,7 @@ impl Spans {
         let ratio = sampler.root_ratio();
         Spans {
             tracer: provider.tracer("wsotel"),
-            threshold: (ratio < 1.0).then(|| (ratio * (1u64 << 63) as f64) as u64),
+            threshold: (ratio < 1.0).then_some((ratio * (1u64 << 63) as f64) as u64),
         }
     }
 
