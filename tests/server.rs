@@ -632,6 +632,13 @@ async fn drain_sends_1001_and_readyz_turns_503() {
             m.sum("websocket_server_active_connections", &[]) == 2.0
         })
         .await;
+    // `a` is busy first: past 16 messages a connection waits for the stop signal on a
+    // standing registration (src/connection/stop.rs); `b` never sends, and waits the usual way.
+    for i in 0..40 {
+        a.send(Message::text(format!("busy {i}"))).await.unwrap();
+        let echo = a.next().await.unwrap().unwrap();
+        assert_eq!(echo, Message::text(format!("busy {i}")));
+    }
     server.begin_shutdown();
     // Neither client answers yet: the drain waits for their closing handshake.
     let frame_a = tokio::time::timeout(Duration::from_secs(5), a.next())

@@ -10,6 +10,7 @@
 mod batching;
 mod ending;
 mod heartbeat;
+mod stop;
 mod write;
 
 use std::net::{IpAddr, SocketAddr};
@@ -37,7 +38,9 @@ use crate::wire::{Discarded, discard_until_close};
 use batching::Batching;
 pub use ending::close_code;
 use ending::{Ending, classify, error_of};
+use futures_util::future::Either;
 use heartbeat::{Beat, Heartbeat};
+use stop::{STANDING_AFTER, StopWait, poll_stop};
 use write::{WriteBound, Written, write};
 
 /// How long the server waits for the client's reply to a Close it sent.
@@ -159,6 +162,9 @@ struct Connection {
     shutdown: CancellationToken,
     /// Made on first use of [`WebSocket::closer`]: a child of `shutdown`.
     closer: Option<Box<Closer>>,
+    /// The standing registration that wakes the task when the stop token is cancelled, once
+    /// the connection is busy (module `stop`).
+    stop_wait: Option<Box<StopWait>>,
     heartbeat: Heartbeat,
     /// Fires at the heartbeat's deadline.
     timer: Pin<Box<Sleep>>,
@@ -350,6 +356,7 @@ impl Connection {
             operation,
             shutdown,
             closer: None,
+            stop_wait: None,
             heartbeat,
             timer,
             write_timeout,
@@ -385,6 +392,10 @@ impl Connection {
     }
 
     pub(crate) fn closer(&mut self) -> Closer {
+        if self.closer.is_none() {
+            // The stop token becomes the closer's: wait on that one from now on.
+            self.stop_wait = None;
+        }
         let shutdown = &self.shutdown;
         (**self.closer.get_or_insert_with(|| {
             Box::new(Closer {
@@ -615,10 +626,23 @@ impl Connection {
                 }
             }
         }
-        let stop = self.closer.as_ref().map_or(&self.shutdown, |c| &c.token);
+        let (slot, closer) = (&self.slot, &self.closer);
+        let stop = closer.as_ref().map_or(&self.shutdown, |c| &c.token);
+        let busy = self.totals.messages_received + self.totals.messages_sent >= STANDING_AFTER;
+        let stopped = if busy {
+            let wait = &mut self.stop_wait;
+            // Read at every poll: a stop requested while the task waits is what wakes it.
+            let requested =
+                || slot.stopping() || closer.as_ref().is_some_and(|c| c.reason.get().is_some());
+            Either::Left(std::future::poll_fn(move |cx| {
+                poll_stop(wait, stop, requested(), cx)
+            }))
+        } else {
+            Either::Right(stop.cancelled())
+        };
         tokio::select! {
             biased;
-            _ = stop.cancelled() => Event::Stop,
+            _ = stopped => Event::Stop,
             item = self.socket.next() => Event::Incoming(item),
             _ = &mut self.timer => Event::Heartbeat,
         }
