@@ -457,9 +457,19 @@ impl<E: PushMetricExporter> PushMetricExporter for HistogramExporter<E> {
         // The SDK has just run the collection callbacks, which handed the tallies over: the
         // totals read now count every message its counters count.
         let request = self.histograms.otlp_request();
-        let (sdk, ours) =
-            futures_util::future::join(self.inner.export(metrics), self.transport.send(request))
-                .await;
+        let ours = async {
+            // No route yet (a library user's server before its first connection): nothing
+            // to send.
+            if request.resource_metrics[0].scope_metrics[0]
+                .metrics
+                .iter()
+                .all(|m| matches!(&m.data, Some(metrics::metric::Data::Histogram(h)) if h.data_points.is_empty()))
+            {
+                return Ok(());
+            }
+            self.transport.send(request).await
+        };
+        let (sdk, ours) = futures_util::future::join(self.inner.export(metrics), ours).await;
         if let Err(err) = &ours {
             self.failed(err);
         }
@@ -482,10 +492,8 @@ impl<E: PushMetricExporter> PushMetricExporter for HistogramExporter<E> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use opentelemetry::metrics::MeterProvider;
-    use opentelemetry::{InstrumentationScope, Key, KeyValue};
+    use opentelemetry::{InstrumentationScope, KeyValue};
     use opentelemetry_sdk::metrics::SdkMeterProvider;
     use prometheus::Encoder;
 
@@ -544,7 +552,7 @@ mod tests {
     }
 
     /// What opentelemetry-prometheus writes for the same values recorded into SDK histograms,
-    /// with the resource selector and scope `Telemetry` uses, is what `/metrics` gets from the
+    /// through the reader and scope `Telemetry` uses, is what `/metrics` gets from the
     /// totals: names, help, type, labels and their order, buckets, counts; sums to rounding.
     #[test]
     fn prometheus_families_read_as_opentelemetry_prometheus_writes_them() {
@@ -561,15 +569,7 @@ mod tests {
             .build();
 
         let registry = prometheus::Registry::new();
-        let keys: HashSet<Key> = PROMOTED_RESOURCE_KEYS
-            .iter()
-            .map(|k| Key::from(*k))
-            .collect();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .with_resource_selector(keys)
-            .build()
-            .unwrap();
+        let exporter = crate::telemetry::prometheus_reader(&registry).unwrap();
         let sdk = SdkMeterProvider::builder()
             .with_resource(resource.clone())
             .with_reader(exporter)

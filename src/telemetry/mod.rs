@@ -101,15 +101,7 @@ impl Telemetry {
     pub fn new(settings: &OtlpSettings) -> Result<Self, TelemetryError> {
         let resource = build_resource();
         let registry = prometheus::Registry::new();
-        let keys: HashSet<Key> = PROMOTED_RESOURCE_KEYS
-            .iter()
-            .map(|k| Key::from(*k))
-            .collect();
-        let exporter = opentelemetry_prometheus::exporter()
-            .with_registry(registry.clone())
-            .with_resource_selector(keys)
-            .build()
-            .map_err(|e| TelemetryError::Prometheus(e.to_string()))?;
+        let exporter = prometheus_reader(&registry)?;
         let routes = std::sync::Arc::<events::RouteRegistry>::default();
         let histograms = std::sync::Arc::new(message_histograms::MessageHistograms::new(
             routes.clone(),
@@ -247,6 +239,22 @@ impl Telemetry {
             ),
         }
     }
+}
+
+/// The Prometheus reader behind `/metrics`, writing into `registry`: the promoted resource
+/// attributes become labels on every series.
+fn prometheus_reader(
+    registry: &prometheus::Registry,
+) -> Result<opentelemetry_prometheus::PrometheusExporter, TelemetryError> {
+    let keys: HashSet<Key> = PROMOTED_RESOURCE_KEYS
+        .iter()
+        .map(|k| Key::from(*k))
+        .collect();
+    opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .with_resource_selector(keys)
+        .build()
+        .map_err(|e| TelemetryError::Prometheus(e.to_string()))
 }
 
 /// Builds the resource: defaults first, then `OTEL_RESOURCE_ATTRIBUTES`, then
