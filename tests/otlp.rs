@@ -378,6 +378,47 @@ async fn http_protobuf_works_and_ratio_zero_makes_no_message_spans() {
         .map(|(_, _, v)| v)
         .sum();
     assert_eq!(sent, 5.0);
+    // The per-message histograms travel in a request of their own (wsotel writes them, not
+    // the SDK): over HTTP too, with the resource, exact.
+    let (resource, size) = metrics
+        .iter()
+        .find(|(_, m)| m.name == "websocket.server.message.size")
+        .expect("the size histogram was exported over HTTP");
+    assert!(
+        resource
+            .attributes
+            .iter()
+            .any(|kv| kv.key == "service.instance.id"),
+        "with the resource"
+    );
+    let transmit: Vec<_> = as_prometheus(size)
+        .into_iter()
+        .filter(|(_, l, _)| {
+            l.get("network_io_direction").map(String::as_str) == Some("transmit")
+                && l.get("http_route").map(String::as_str) == Some("/ws/echo")
+        })
+        .map(|(n, l, v)| (n, l.get("le").cloned(), v))
+        .collect();
+    for (name, le, want) in [
+        ("websocket_server_message_size_bytes_count", None, 5.0),
+        ("websocket_server_message_size_bytes_sum", None, 250.0),
+        (
+            "websocket_server_message_size_bytes_bucket",
+            Some("16"),
+            0.0,
+        ),
+        (
+            "websocket_server_message_size_bytes_bucket",
+            Some("64"),
+            5.0,
+        ),
+    ] {
+        let got = transmit
+            .iter()
+            .find(|(n, l, _)| n == name && l.as_deref() == le)
+            .map(|(_, _, v)| *v);
+        assert_eq!(got, Some(want), "{name} le={le:?}");
+    }
     assert!(
         receiver
             .log_records()
