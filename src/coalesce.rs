@@ -62,6 +62,15 @@ impl WriteDelay {
         due
     }
 
+    /// A member that was waiting (a held message, or a look at a busy queue) starts writing at
+    /// `at`: when to look at its queue again. It is busy, so the room's sends need not wake it
+    /// before then; if that look finds the queue empty it is idle again, and a message after
+    /// that goes out at once ([`ready`](Self::ready) says so: the window has passed).
+    pub(crate) fn next_look(&mut self, at: Instant) -> Instant {
+        self.wrote(at);
+        at + self.window
+    }
+
     /// The member started writing at `at`.
     pub(crate) fn wrote(&mut self, at: Instant) {
         if self.is_on() {
@@ -111,31 +120,71 @@ mod tests {
         assert_eq!(d.hold_until(t0 + 50 * MS), None, "sparse traffic: at once");
     }
 
-    #[test]
-    fn under_steady_load_writes_are_one_window_apart() {
-        // A message every 100 us for 20 ms: the member writes at 0, 2, 4, ... 20 ms.
+    /// The member's loop (`routes::Member::serve`) on a message every `every`, from 0 to
+    /// `until`: when it writes, and how many times it wakes (a message to an idle member, a
+    /// message held, the timer).
+    fn simulate(window: Duration, every: Duration, until: Duration) -> (Vec<Duration>, usize) {
         let t0 = Instant::now();
-        let mut d = WriteDelay::new(2 * MS);
-        let mut writes = Vec::new();
-        let mut held: Option<Instant> = None;
-        for i in 0..=200u32 {
-            let now = t0 + i * MS / 10;
-            if let Some(until) = held {
-                if now < until {
-                    continue; // queued behind the held one, written with it
+        let mut d = WriteDelay::new(window);
+        let (mut writes, mut wakes) = (Vec::new(), 0);
+        let mut queued = 0;
+        let mut timer: Option<Instant> = None;
+        let mut next_msg = t0;
+        let end = t0 + until;
+        while next_msg <= end || timer.is_some() {
+            match timer {
+                // The timer first when it is due before the next message.
+                Some(at) if at <= next_msg || next_msg > end => {
+                    wakes += 1;
+                    if queued > 0 {
+                        queued = 0;
+                        writes.push(at - t0);
+                        timer = Some(d.next_look(at));
+                    } else {
+                        timer = None;
+                    }
                 }
-                writes.push(until);
-                d.wrote(until);
-                held = None;
-            }
-            match d.ready(now) {
-                None => writes.push(now),
-                Some(until) => held = Some(until),
+                Some(_) => {
+                    queued += 1; // waiting: the send does not wake the member
+                    next_msg += every;
+                }
+                None => {
+                    wakes += 1;
+                    match d.ready(next_msg) {
+                        None => writes.push(next_msg - t0),
+                        Some(at) => {
+                            queued += 1;
+                            timer = Some(at);
+                        }
+                    }
+                    next_msg += every;
+                }
             }
         }
-        assert_eq!(writes.len(), 11, "{writes:?}");
-        let gaps: Vec<Duration> = writes.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps.iter().all(|&g| g == 2 * MS), "{gaps:?}");
+        (writes, wakes)
+    }
+
+    #[test]
+    fn under_steady_load_writes_are_one_window_apart_and_wake_once_each() {
+        // A message every 100 us for 20 ms, a 2 ms window.
+        let (writes, wakes) = simulate(2 * MS, MS / 10, 20 * MS);
+        // The message at 20 ms comes just after the write at 20 ms: it goes at 22 ms.
+        let want: Vec<Duration> = (0..=11).map(|i| i * 2 * MS).collect();
+        assert_eq!(writes, want, "the first at once, then one write per window");
+        // One wake per write, the first held message, and the last look that finds nothing.
+        assert_eq!(wakes, writes.len() + 2);
+    }
+
+    #[test]
+    fn sparse_messages_go_out_at_once_with_one_wake_each() {
+        let (writes, wakes) = simulate(2 * MS, 5 * MS, 20 * MS);
+        let want: Vec<Duration> = (0..=4).map(|i| i * 5 * MS).collect();
+        assert_eq!(writes, want);
+        assert_eq!(
+            wakes,
+            writes.len(),
+            "no timer for a member that is never busy"
+        );
     }
 
     #[test]

@@ -225,10 +225,14 @@ impl Member {
         let inner = &self.state.inner;
         let terms = inner.terms;
         let (tx, mut rx) = mpsc::channel(terms.queue);
-        // Write coalescing (`--room-write-delay`): the message that found the member's last
-        // write too recent waits in `held`, the rest in the queue, until the timer (made on
-        // first use) fires or the room says the queue is half full.
+        // Write coalescing (`--room-write-delay`). While `waiting`, the member's timer (made on
+        // first use) is armed and its queue is not watched: the room's sends do not wake it.
+        // It waits after a message finds its last write recent (that message is `held`; the
+        // rest queue behind it), and again after every write that timer made, until a look at
+        // the queue finds it empty: then it is idle, and the next message goes out at once.
+        // The room wakes it early when its queue is half full.
         let mut delay = WriteDelay::new(terms.write_delay);
+        let mut waiting = false;
         let mut held: Option<Message> = None;
         let mut hold: Option<Pin<Box<Sleep>>> = None;
         let hurry = delay.is_on().then(Arc::default);
@@ -266,22 +270,25 @@ impl Member {
                         backplane.publish(subject, &msg, cx.as_ref());
                     }
                 }
-                () = held_until(&mut hold, hurry.as_deref()), if held.is_some() => {
-                    delay.wrote(tokio::time::Instant::now());
-                    write_queued(&mut ws, held.take(), &mut rx).await;
+                () = held_until(&mut hold, hurry.as_deref()), if waiting => {
+                    match held.take().or_else(|| rx.try_recv().ok()) {
+                        Some(first) => {
+                            let next = delay.next_look(tokio::time::Instant::now());
+                            write_queued(&mut ws, Some(first), &mut rx).await;
+                            arm(&mut hold, next);
+                        }
+                        None => waiting = false,
+                    }
                 }
-                // Not polled while a message is held: the room's sends do not wake the task.
-                Some(out) = rx.recv(), if held.is_none() => {
+                Some(out) = rx.recv(), if !waiting => {
                     // Off, or idle for the whole delay: at once (no clock read when off).
                     let now = delay.is_on().then(tokio::time::Instant::now);
                     match now.and_then(|now| delay.ready(now)) {
                         None => write_queued(&mut ws, Some(out), &mut rx).await,
                         Some(until) => {
                             held = Some(out);
-                            match &mut hold {
-                                Some(sleep) => sleep.as_mut().reset(until),
-                                None => hold = Some(Box::pin(tokio::time::sleep_until(until))),
-                            }
+                            waiting = true;
+                            arm(&mut hold, until);
                         }
                     }
                 }
@@ -315,8 +322,16 @@ async fn write_queued(
     let _ = ws.flush().await;
 }
 
-/// Completes when the held write is due, or earlier when `hurry` is notified (the member's
-/// queue is half full); never without a timer.
+/// Sets the member's timer to `until`, making it on first use.
+fn arm(hold: &mut Option<Pin<Box<Sleep>>>, until: tokio::time::Instant) {
+    match hold {
+        Some(sleep) => sleep.as_mut().reset(until),
+        None => *hold = Some(Box::pin(tokio::time::sleep_until(until))),
+    }
+}
+
+/// Completes when the member's timer fires, or earlier when `hurry` is notified (its queue is
+/// half full); never without a timer.
 async fn held_until(hold: &mut Option<Pin<Box<Sleep>>>, hurry: Option<&Notify>) {
     let Some(sleep) = hold else {
         return std::future::pending().await;
