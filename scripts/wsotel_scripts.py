@@ -270,12 +270,13 @@ class BenchServer:
     `kind` is a reference server (seed-go, node-ws, hub-go: from ANCHORS; axum-plain:
     bins["bench"]'s `floor-server`, plain axum without telemetry) or a wsotel setting
     (wsotel-off, wsotel-prom, wsotel-full; before-off, before-full run bins["before"]).
-    wsotel-full exports OTLP/gRPC to `sink_addr`. Output goes to <workdir>/<kind>-<port>.log.
+    wsotel-full exports OTLP/gRPC to `sink_addr`; `extra_args` go on a wsotel's command line.
+    Output goes to <workdir>/<kind>-<port>.log.
     `.ws` is its echo URL, `.rooms` its room base URL (`/<room>` appended), None where it has
     none (hub-go only has rooms, its `.ws` is the rooms URL).
     """
 
-    def __init__(self, kind, bins, sink_addr, workdir):
+    def __init__(self, kind, bins, sink_addr, workdir, extra_args=()):
         self.kind = kind
         self.port = free_port()
         self.proc = None
@@ -310,7 +311,7 @@ class BenchServer:
             binary = bins["before"] if kind.startswith("before-") else bins["wsotel"]
             self.cmd = [
                 str(binary), "--listen", f"127.0.0.1:{self.port}",
-                "--admin-listen", f"127.0.0.1:{admin}", "--max-connections", "20000",
+                "--admin-listen", f"127.0.0.1:{admin}", "--max-connections", "20000", *extra_args,
             ]
             self.ws = f"ws://127.0.0.1:{self.port}/ws/echo"
             self.rooms = f"ws://127.0.0.1:{self.port}/ws/rooms"

@@ -54,6 +54,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub outbound_queue: u32,
 
+    /// Write coalescing for room members: a member that wrote less than this long ago waits
+    /// until this long after that write, then writes everything queued for it at once (one
+    /// write for many messages; earlier if its outbound queue is half full). A message for a
+    /// member that has not written within it goes out at once. `0`: every message is written
+    /// as it comes. At most 100ms.
+    #[arg(long, env = "WSOTEL_ROOM_WRITE_DELAY", default_value = "2ms",
+          value_parser = parse_room_write_delay)]
+    pub room_write_delay: Duration,
+
     /// An Origin allowed besides the request's own Host (repeatable; exact match such as
     /// `https://app.example.com`, or `*` for any).
     #[arg(
@@ -240,6 +249,24 @@ pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
+/// The longest `--room-write-delay` accepted: beyond a few tens of milliseconds the delay is no
+/// longer coalescing writes but holding messages back (a busy member then writes whenever its
+/// queue is half full rather than once per window).
+pub const MAX_ROOM_WRITE_DELAY: Duration = Duration::from_millis(100);
+
+/// Parses `--room-write-delay`: a duration such as `2ms`, from `0` (off) to
+/// [`MAX_ROOM_WRITE_DELAY`].
+pub fn parse_room_write_delay(s: &str) -> Result<Duration, String> {
+    let d = parse_duration_or_zero(s)?;
+    if d > MAX_ROOM_WRITE_DELAY {
+        return Err(format!(
+            "`{s}` is too long (at most {}ms)",
+            MAX_ROOM_WRITE_DELAY.as_millis()
+        ));
+    }
+    Ok(d)
+}
+
 /// Parses a size in bytes with an optional `B`, `KiB`, `MiB` (or `K`, `M`) suffix.
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let t = s.trim();
@@ -286,6 +313,22 @@ mod tests {
     }
 
     #[test]
+    fn room_write_delays() {
+        let d = |s| parse_room_write_delay(s);
+        assert_eq!(d("0"), Ok(Duration::ZERO), "zero turns it off");
+        assert_eq!(d("0ms"), Ok(Duration::ZERO));
+        assert_eq!(d("2ms"), Ok(Duration::from_millis(2)));
+        assert_eq!(d("500us"), Ok(Duration::from_micros(500)));
+        assert_eq!(d("100ms"), Ok(MAX_ROOM_WRITE_DELAY));
+        assert!(d("101ms").is_err(), "bounded");
+        assert!(d("1s").is_err());
+        assert!(d("2").is_err(), "a unit is needed, as for every duration");
+        assert!(d("soon").is_err());
+        let c = Config::parse_from(["wsotel", "--room-write-delay", "5ms"]);
+        assert_eq!(c.room_write_delay, Duration::from_millis(5));
+    }
+
+    #[test]
     fn defaults_run() {
         let c = Config::parse_from(["wsotel"]);
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
@@ -295,6 +338,7 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(20));
         assert_eq!(c.pong_timeout, Duration::from_secs(10));
         assert_eq!(c.auth().key, None, "authentication is off by default");
+        assert_eq!(c.room_write_delay, Duration::from_millis(2));
         assert!(
             c.publish_burst < c.outbound_queue,
             "one burst never fills a queue"

@@ -82,6 +82,7 @@
 pub mod admin;
 pub mod auth;
 pub mod backplane;
+mod coalesce;
 pub mod config;
 mod connection;
 mod http_metrics;

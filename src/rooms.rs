@@ -5,6 +5,9 @@
 //! (counted), and the recipient is told to leave as a slow consumer, so one stalled client can
 //! neither block a room nor grow the server's memory.
 //!
+//! A member that coalesces its writes (`--room-write-delay`) is woken early when its queue is
+//! half full, so the delay never turns a member that keeps up into a slow consumer.
+//!
 //! With a [`Backplane`], a room that has local members is also subscribed to its NATS subject:
 //! what other instances' members send arrives through it and is queued for every local member
 //! the same way (see [`crate::backplane`]).
@@ -12,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tungstenite::Message;
 
 use crate::backplane::{Backplane, LocalDelivery, RemoteInterest};
@@ -57,7 +60,14 @@ impl Room {
         let members = self.members.read().expect("room lock poisoned");
         for m in members.iter().filter(|m| Some(m.id) != except) {
             match m.tx.try_send(msg.clone()) {
-                Ok(()) => delivery.queued += 1,
+                Ok(()) => {
+                    delivery.queued += 1;
+                    if let Some(hurry) = &m.hurry
+                        && m.tx.capacity() * 2 <= m.tx.max_capacity()
+                    {
+                        hurry.notify_one();
+                    }
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     delivery.dropped += 1;
                     m.kick.close(CloseReason::SlowConsumer);
@@ -93,6 +103,9 @@ struct Member {
     tx: mpsc::Sender<Message>,
     /// Cancelled to make the member's connection task leave as a slow consumer.
     kick: Closer,
+    /// For a member that coalesces its writes: notified when its queue is half full, to write
+    /// what is queued without waiting for the rest of its delay.
+    hurry: Option<Arc<Notify>>,
 }
 
 /// How long an upgrade into a room waits for the room's backplane subscription to be in place.
@@ -108,14 +121,26 @@ pub struct Reservation {
 
 impl Reservation {
     /// Adds connection `id` to the held room. Messages for the member go to `tx`; `kick`
-    /// closes it as a slow consumer when its queue is full.
-    pub fn join(mut self, id: u64, tx: mpsc::Sender<Message>, kick: Closer) -> Membership {
+    /// closes it as a slow consumer when its queue is full; `hurry`, when given, is notified
+    /// whenever a message leaves its queue at least half full.
+    pub fn join(
+        mut self,
+        id: u64,
+        tx: mpsc::Sender<Message>,
+        kick: Closer,
+        hurry: Option<Arc<Notify>>,
+    ) -> Membership {
         let _map = self.rooms.inner.lock().expect("rooms lock poisoned");
         self.room
             .members
             .write()
             .expect("room lock poisoned")
-            .push(Member { id, tx, kick });
+            .push(Member {
+                id,
+                tx,
+                kick,
+                hurry,
+            });
         self.room
             .reserved
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

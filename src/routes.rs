@@ -5,6 +5,7 @@
 //! rules.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,16 +15,17 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
 use axum::routing::get;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Sleep;
 
 use crate::auth::{Authenticator, Grant};
+use crate::coalesce::WriteDelay;
 use crate::connection::WebSocket;
 use crate::layer::WebSockets;
 use crate::rooms::{Reservation, Rooms, valid_room_name};
 use crate::sources::Sources;
 use crate::telemetry::{CloseReason, DropReason, RejectReason, Route, Spans};
 use crate::upgrade::WebSocketUpgrade;
-#[cfg(feature = "fault-injection")]
 use tungstenite::Message;
 
 /// `GET /ws/echo`.
@@ -59,6 +61,9 @@ pub(crate) struct Terms {
     pub publish_burst: u32,
     /// How long the client address is refused after a member exceeds the publish rate.
     pub rate_limit_penalty: Duration,
+    /// Write coalescing: a member that wrote less than this ago waits until this long after
+    /// that write before writing again, and then writes everything queued at once (`0`: off).
+    pub write_delay: Duration,
 }
 
 impl ServerState {
@@ -220,12 +225,24 @@ impl Member {
         let inner = &self.state.inner;
         let terms = inner.terms;
         let (tx, mut rx) = mpsc::channel(terms.queue);
-        let membership = reservation.join(ws.id(), tx, ws.closer());
+        // Write coalescing (`--room-write-delay`). While `waiting`, the member's timer (made on
+        // first use) is armed and its queue is not watched: the room's sends do not wake it.
+        // It waits after a message finds its last write recent (that message is `held`; the
+        // rest queue behind it), and again after every write that timer made, until a look at
+        // the queue finds it empty: then it is idle, and the next message goes out at once.
+        // The room wakes it early when its queue is half full.
+        let mut delay = WriteDelay::new(terms.write_delay);
+        let mut waiting = false;
+        let mut held: Option<Message> = None;
+        let mut hold: Option<Pin<Box<Sleep>>> = None;
+        let hurry = delay.is_on().then(Arc::default);
+        let membership = reservation.join(ws.id(), tx, ws.closer(), hurry.clone());
         let mut bucket = (terms.publish_rate > 0)
             .then(|| TokenBucket::new(terms.publish_rate, terms.publish_burst, Instant::now()));
         loop {
             tokio::select! {
                 biased;
+                // First, so a close or shutdown never waits for a held write.
                 msg = ws.recv() => {
                     let Some(msg) = msg else { break };
                     #[cfg(feature = "fault-injection")]
@@ -253,27 +270,80 @@ impl Member {
                         backplane.publish(subject, &msg, cx.as_ref());
                     }
                 }
-                Some(out) = rx.recv() => {
-                    // Feed everything already queued for this member, then write it at once.
-                    let mut next = Some(out);
-                    while let Some(msg) = next {
-                        if ws.feed(msg).await.is_err() {
-                            break;
+                () = held_until(&mut hold, hurry.as_deref()), if waiting => {
+                    match held.take().or_else(|| rx.try_recv().ok()) {
+                        Some(first) => {
+                            let next = delay.next_look(tokio::time::Instant::now());
+                            write_queued(&mut ws, Some(first), &mut rx).await;
+                            arm(&mut hold, next);
                         }
-                        next = rx.try_recv().ok();
+                        None => waiting = false,
                     }
-                    let _ = ws.flush().await;
+                }
+                Some(out) = rx.recv(), if !waiting => {
+                    // Off, or idle for the whole delay: at once (no clock read when off).
+                    let now = delay.is_on().then(tokio::time::Instant::now);
+                    match now.and_then(|now| delay.ready(now)) {
+                        None => write_queued(&mut ws, Some(out), &mut rx).await,
+                        Some(until) => {
+                            held = Some(out);
+                            waiting = true;
+                            arm(&mut hold, until);
+                        }
+                    }
                 }
             }
         }
         // Leave the room first, so nothing new is queued, then count what never went out.
         drop(membership);
         rx.close();
-        let mut undelivered = 0;
+        let mut undelivered = u64::from(held.is_some());
         while rx.try_recv().is_ok() {
             undelivered += 1;
         }
         ws.dropped(DropReason::ConnectionClosed, undelivered);
+    }
+}
+
+/// Feeds `first` and everything else already queued, then writes it all at once. A failed
+/// feed stops there: the connection has ended, and what is left is counted when it is gone.
+async fn write_queued(
+    ws: &mut WebSocket,
+    first: Option<Message>,
+    rx: &mut mpsc::Receiver<Message>,
+) {
+    let mut next = first;
+    while let Some(msg) = next {
+        if ws.feed(msg).await.is_err() {
+            return;
+        }
+        next = rx.try_recv().ok();
+    }
+    let _ = ws.flush().await;
+}
+
+/// Sets the member's timer to `until`, making it on first use.
+fn arm(hold: &mut Option<Pin<Box<Sleep>>>, until: tokio::time::Instant) {
+    match hold {
+        Some(sleep) => sleep.as_mut().reset(until),
+        None => *hold = Some(Box::pin(tokio::time::sleep_until(until))),
+    }
+}
+
+/// Completes when the member's timer fires, or earlier when `hurry` is notified (its queue is
+/// half full); never without a timer.
+async fn held_until(hold: &mut Option<Pin<Box<Sleep>>>, hurry: Option<&Notify>) {
+    let Some(sleep) = hold else {
+        return std::future::pending().await;
+    };
+    match hurry {
+        // The timer first: when it has fired, no waiter is put on the `Notify`.
+        Some(hurry) => tokio::select! {
+            biased;
+            () = sleep => {}
+            () = hurry.notified() => {}
+        },
+        None => sleep.await,
     }
 }
 

@@ -139,6 +139,7 @@ pub async fn run(
             publish_rate: config.publish_rate,
             publish_burst: config.publish_burst,
             rate_limit_penalty: config.rate_limit_penalty,
+            write_delay: config.room_write_delay,
         },
     );
     let ws_router = routes::router(state, &sockets);

@@ -620,6 +620,240 @@ async fn slow_consumer_is_disconnected_and_others_are_unaffected() {
     drop(slow);
 }
 
+// ---- write coalescing (`--room-write-delay`) ---------------------------------------------
+
+const COALESCE_PUBLISHERS: usize = 3;
+const COALESCE_BURST: usize = 80;
+const COALESCE_SIZE: usize = 48;
+
+/// Publisher `p`'s message number `seq`: who and which, then filler.
+fn coalesce_payload(p: usize, seq: usize) -> Vec<u8> {
+    let mut v = vec![0xA0 | p as u8; COALESCE_SIZE];
+    v[0] = p as u8;
+    v[1..3].copy_from_slice(&(seq as u16).to_be_bytes());
+    v
+}
+
+/// Reads every other publisher's burst: each message intact, each publisher's in order, never
+/// the member's own (`me`).
+async fn read_bursts(mut ws: Client, me: Option<usize>) -> Client {
+    let mut next = [0usize; COALESCE_PUBLISHERS];
+    let others = COALESCE_PUBLISHERS - usize::from(me.is_some());
+    for _ in 0..others * COALESCE_BURST {
+        let Message::Binary(b) = next_data(&mut ws).await else {
+            panic!("only binary messages are published");
+        };
+        let (p, seq) = (b[0] as usize, u16::from_be_bytes([b[1], b[2]]) as usize);
+        assert_ne!(Some(p), me, "a member never gets its own message");
+        assert_eq!(
+            seq, next[p],
+            "publisher {p}'s messages in the order it sent them"
+        );
+        assert_eq!(b.as_ref(), coalesce_payload(p, seq), "intact");
+        next[p] += 1;
+    }
+    for (p, n) in next.iter().enumerate() {
+        let want = if Some(p) == me { 0 } else { COALESCE_BURST };
+        assert_eq!(*n, want, "all of publisher {p}'s burst");
+    }
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesced_room_writes_deliver_every_burst_complete_and_in_order() {
+    // A long window, so nearly every write is a coalesced one; 3 bursts of 80 at once stay
+    // under the 256-message queue.
+    let server = TestServer::start_with(|c| c.room_write_delay = Duration::from_millis(20)).await;
+    let url = server.url("/ws/rooms/coalesce");
+    const LISTENERS: usize = 3;
+    let mut publishers = Vec::new();
+    for _ in 0..COALESCE_PUBLISHERS {
+        publishers.push(connect(&url).await);
+    }
+    let mut listeners = Vec::new();
+    for _ in 0..LISTENERS {
+        listeners.push(connect(&url).await);
+    }
+    let members = COALESCE_PUBLISHERS + LISTENERS;
+    server
+        .metrics_when("every member in", |m| {
+            m.sum("websocket_server_active_connections", &[ROOMS_ROUTE]) == members as f64
+        })
+        .await;
+
+    let mut readers = Vec::new();
+    for ws in listeners {
+        readers.push(tokio::spawn(read_bursts(ws, None)));
+    }
+    // Every publisher writes its whole burst at once (one TCP write), all at the same time.
+    for (p, mut ws) in publishers.into_iter().enumerate() {
+        readers.push(tokio::spawn(async move {
+            for seq in 0..COALESCE_BURST {
+                ws.feed(Message::binary(coalesce_payload(p, seq)))
+                    .await
+                    .unwrap();
+            }
+            ws.flush().await.unwrap();
+            read_bursts(ws, Some(p)).await
+        }));
+    }
+    for reader in readers {
+        bye(reader.await.unwrap()).await;
+    }
+
+    let m = server.idle().await;
+    let published = (COALESCE_PUBLISHERS * COALESCE_BURST) as f64;
+    let deliveries = published * (members - 1) as f64;
+    let msgs = |l: &[(&str, &str)]| m.sum("websocket_server_messages_total", l);
+    assert_eq!(msgs(&[ROOMS_ROUTE, RX, mtype("binary")]), published);
+    assert_eq!(msgs(&[ROOMS_ROUTE, TX, mtype("binary")]), deliveries);
+    let bytes = |l: &[(&str, &str)]| m.sum("websocket_server_io_bytes_total", l);
+    assert_eq!(bytes(&[ROOMS_ROUTE, RX]), published * COALESCE_SIZE as f64);
+    assert_eq!(bytes(&[ROOMS_ROUTE, TX]), deliveries * COALESCE_SIZE as f64);
+    assert_eq!(
+        m.sum(
+            "websocket_server_message_size_bytes_count",
+            &[ROOMS_ROUTE, TX]
+        ),
+        deliveries
+    );
+    assert_eq!(m.sum("websocket_server_dropped_messages_total", &[]), 0.0);
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[ROOMS_ROUTE, reason("normal")]
+        ),
+        members as f64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalescing_member_writes_early_when_its_queue_is_half_full() {
+    // A 100 ms window and a 16-message queue: a message every 2 ms would fill the queue well
+    // within one window. The room wakes the member at 8 queued, so it keeps up.
+    let server = TestServer::start_with(|c| {
+        c.room_write_delay = Duration::from_millis(100);
+        c.outbound_queue = 16;
+        c.publish_rate = 0;
+    })
+    .await;
+    let url = server.url("/ws/rooms/hurry");
+    let mut publisher = connect(&url).await;
+    let mut listener = connect(&url).await;
+    server
+        .metrics_when("two members", |m| {
+            m.sum("websocket_server_active_connections", &[ROOMS_ROUTE]) == 2.0
+        })
+        .await;
+    let total = 64;
+    let reader = tokio::spawn(async move {
+        for i in 0..total {
+            assert_eq!(
+                next_data(&mut listener).await,
+                Message::binary(vec![i as u8; 32])
+            );
+        }
+        listener
+    });
+    for i in 0..total {
+        publisher
+            .send(Message::binary(vec![i as u8; 32]))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let listener = reader.await.unwrap();
+    bye(publisher).await;
+    bye(listener).await;
+    let m = server.idle().await;
+    assert_eq!(m.sum("websocket_server_dropped_messages_total", &[]), 0.0);
+    assert_eq!(
+        m.sum(
+            "websocket_server_errors_total",
+            &[error_type("slow_consumer")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_messages_total",
+            &[ROOMS_ROUTE, TX, mtype("binary")]
+        ),
+        total as f64
+    );
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_held_write_and_counts_what_it_held() {
+    let mut server =
+        TestServer::start_with(|c| c.room_write_delay = Duration::from_millis(100)).await;
+    let url = server.url("/ws/rooms/held");
+    let mut publisher = connect(&url).await;
+    let mut a = connect(&url).await;
+    let mut b = connect(&url).await;
+    server
+        .metrics_when("three members", |m| {
+            m.sum("websocket_server_active_connections", &[ROOMS_ROUTE]) == 3.0
+        })
+        .await;
+    // The first goes out at once; the rest find the members' last write recent and wait.
+    publisher.send(Message::text("first")).await.unwrap();
+    assert_eq!(next_data(&mut a).await, Message::text("first"));
+    assert_eq!(next_data(&mut b).await, Message::text("first"));
+    let sent = 11;
+    for i in 1..sent {
+        publisher
+            .send(Message::text(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    server
+        .metrics_when("all published", |m| {
+            m.sum(
+                "websocket_server_messages_total",
+                &[ROOMS_ROUTE, RX, mtype("text")],
+            ) == sent as f64
+        })
+        .await;
+    server.begin_shutdown();
+    for ws in [&mut publisher, &mut a, &mut b] {
+        assert_eq!(close_code(ws).await, Some(1001));
+        finish(ws).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), &mut server.handle)
+        .await
+        .expect("run returns after the drain")
+        .unwrap()
+        .unwrap();
+    // Each message is delivered or counted as dropped with the connection, never both, never
+    // neither: how many of each depends on when the drain caught the held write.
+    let m = server.rendered();
+    let delivered = m.sum(
+        "websocket_server_messages_total",
+        &[ROOMS_ROUTE, TX, mtype("text")],
+    );
+    let dropped = m.sum(
+        "websocket_server_dropped_messages_total",
+        &[ROOMS_ROUTE, ("reason", "connection_closed")],
+    );
+    assert_eq!(
+        delivered + dropped,
+        2.0 * sent as f64,
+        "two recipients each"
+    );
+    assert_eq!(
+        m.sum("websocket_server_dropped_messages_total", &[]),
+        dropped
+    );
+    assert_eq!(
+        m.sum(
+            "websocket_server_connection_duration_seconds_count",
+            &[reason("server_shutdown")]
+        ),
+        3.0
+    );
+}
+
 #[tokio::test]
 async fn drain_sends_1001_and_readyz_turns_503() {
     let mut server = TestServer::start().await;

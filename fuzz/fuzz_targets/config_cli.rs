@@ -50,6 +50,11 @@ fuzz_target!(|data: &[u8]| {
     );
     assert!(c.max_connections >= 1, "{args:?}");
     assert!((1..=1_000_000).contains(&c.outbound_queue), "{args:?}");
+    assert!(
+        c.room_write_delay <= wsotel::config::MAX_ROOM_WRITE_DELAY,
+        "room_write_delay {:?} for {args:?}",
+        c.room_write_delay
+    );
     for o in &c.allowed_origins {
         assert!(
             !o.contains(','),
