@@ -38,8 +38,8 @@ pub fn router(telemetry: Arc<Telemetry>, sockets: &WebSockets) -> Router {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
-    // A collection hands the per-thread message tallies to the SDK (up to a second of traffic,
-    // one record per histogram value): on a blocking thread, not on a worker serving WebSockets.
+    // A collection takes locks (the SDK's, the tallies' hand-over) and renders every series:
+    // on a blocking thread, not on a worker serving WebSockets.
     let telemetry = s.telemetry.clone();
     let rendered = tokio::task::spawn_blocking(move || telemetry.render_prometheus())
         .await
