@@ -89,6 +89,15 @@ impl Closer {
     }
 }
 
+/// Why a connection has been told to stop, if it has: the server's shutdown (one atomic
+/// load), or its [`Closer`]'s reason. Both are set before the stop token is cancelled.
+fn stop_reason(slot: &GateSlot, closer: &Option<Box<Closer>>) -> Option<CloseReason> {
+    if slot.stopping() {
+        return Some(CloseReason::ServerShutdown);
+    }
+    closer.as_ref().and_then(|c| c.reason.get().copied())
+}
+
 /// Where the connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -572,10 +581,7 @@ impl Connection {
     /// Why the connection has been told to stop, if it has: the server's shutdown (one
     /// atomic load), or a [`Closer`]'s reason.
     fn stop_requested(&self) -> Option<CloseReason> {
-        if self.slot.stopping() {
-            return Some(CloseReason::ServerShutdown);
-        }
-        self.closer.as_ref().and_then(|c| c.reason.get().copied())
+        stop_reason(&self.slot, &self.closer)
     }
 
     pub(crate) fn should_feed(&mut self) -> bool {
@@ -632,10 +638,8 @@ impl Connection {
         let stopped = if busy {
             let wait = &mut self.stop_wait;
             // Read at every poll: a stop requested while the task waits is what wakes it.
-            let requested =
-                || slot.stopping() || closer.as_ref().is_some_and(|c| c.reason.get().is_some());
             Either::Left(std::future::poll_fn(move |cx| {
-                poll_stop(wait, stop, requested(), cx)
+                poll_stop(wait, stop, stop_reason(slot, closer).is_some(), cx)
             }))
         } else {
             Either::Right(stop.cancelled())

@@ -55,15 +55,19 @@ const TALLY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub(crate) type RouteRegistry = RwLock<HashMap<&'static str, Arc<RouteInstruments>>>;
 
-/// Hands every route's per-message tallies to its SDK instruments.
-fn collect_tallies(routes: &RouteRegistry) {
-    let routes: Vec<_> = routes
+/// The routes seen so far, out of the registry's lock.
+pub(crate) fn routes_of(routes: &RouteRegistry) -> Vec<Arc<RouteInstruments>> {
+    routes
         .read()
         .expect("route registry poisoned")
         .values()
         .cloned()
-        .collect();
-    for route in routes {
+        .collect()
+}
+
+/// Hands every route's per-message tallies over (SDK counters, histogram totals).
+fn collect_tallies(routes: &RouteRegistry) {
+    for route in routes_of(routes) {
         route.collect();
     }
 }

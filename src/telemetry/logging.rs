@@ -9,7 +9,8 @@
 //!   OTel log records. The exporters' own crates (hyper, h2, tonic, tower, reqwest and the
 //!   OpenTelemetry crates) are kept out, so export failures cannot feed themselves.
 //! - The OpenTelemetry SDK reports each failed export on stdout; with the collector down that
-//!   is several lines a minute. They are let through at most once a minute.
+//!   is several lines a minute. They are let through at most once a minute, together with
+//!   wsotel's own export errors (target `wsotel_export`), which are never exported either.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -36,7 +37,24 @@ use super::Telemetry;
 pub(super) static LOG_EXPORT_OPEN: AtomicBool = AtomicBool::new(true);
 
 /// Targets whose events never become OTel log records.
-const NOT_EXPORTED: [&str; 6] = ["hyper", "h2", "tonic", "tower", "reqwest", "opentelemetry"];
+const NOT_EXPORTED: [&str; 7] = [
+    "hyper",
+    "h2",
+    "tonic",
+    "tower",
+    "reqwest",
+    "opentelemetry",
+    EXPORT_ERRORS,
+];
+
+/// The target of wsotel's own export errors (the per-message histograms' OTLP request): like
+/// the SDK's, never exported as log records and let through at most once a minute.
+pub(crate) const EXPORT_ERRORS: &str = "wsotel_export";
+
+/// Whether a warning from `target` reports a failed export (the SDK's or wsotel's own).
+fn is_export_error(target: &str) -> bool {
+    target.starts_with("opentelemetry") || target == EXPORT_ERRORS
+}
 
 /// How log lines are written to stdout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -101,7 +119,7 @@ pub fn init(format: LogFormat, telemetry: &Telemetry) {
         dynamic_filter_fn(|m, _| sdk_errors_once_a_minute(m)).with_callsite_filter(|m| {
             // Only the SDK's warnings need asking per event; every other callsite's
             // answer is cached, so a disabled event costs nothing.
-            if m.target().starts_with("opentelemetry") && *m.level() <= Level::WARN {
+            if is_export_error(m.target()) && *m.level() <= Level::WARN {
                 Interest::sometimes()
             } else {
                 Interest::always()
@@ -185,10 +203,11 @@ fn env_filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Lets warnings and errors from the OpenTelemetry crates through at most once a minute.
+/// Lets export warnings and errors (the OpenTelemetry crates', wsotel's own) through at most
+/// once a minute, all of them together.
 fn sdk_errors_once_a_minute(meta: &tracing::Metadata<'_>) -> bool {
     static LAST: AtomicU64 = AtomicU64::new(0);
-    if !meta.target().starts_with("opentelemetry") || *meta.level() > Level::WARN {
+    if !is_export_error(meta.target()) || *meta.level() > Level::WARN {
         return true;
     }
     // A dynamic filter: asked for every event, never cached per callsite.

@@ -2,8 +2,8 @@
 //! route's totals (module `tally`) instead of SDK instruments.
 //!
 //! The SDK (0.33) takes a histogram one value at a time: handing it a collection's worth of
-//! messages cost three records per message per metric reader, a fifth of the server's CPU at
-//! 16 messages in flight, and it has no way to take a bucket count
+//! messages cost three records per message per metric reader, 12% of the server's CPU at 16
+//! messages in flight with both readers, and it has no way to take a bucket count
 //! (open-telemetry/opentelemetry-rust#2505, #1670). So these two are kept as totals per route
 //! (per bucket count, exact sum, min, max), which a hand-over adds to in O(buckets), and are
 //! written out here:
@@ -12,10 +12,10 @@
 //! - over OTLP, as cumulative histograms in a request of their own, sent beside the SDK's own
 //!   export of everything else, to the same endpoint with the same headers and timeout
 //!   ([`HistogramExporter`] wraps the SDK's exporter, so they go on its schedule: every
-//!   interval, on force-flush and at shutdown).
+//!   interval, on force-flush and at shutdown). A failed send is logged like the SDK's own
+//!   export errors: at most once a minute, and never as an exported log record.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -29,9 +29,10 @@ use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::exporter::PushMetricExporter;
 use prometheus::proto::{LabelPair, MetricFamily, MetricType};
 
-use super::events::RouteRegistry;
+use super::events::{RouteRegistry, routes_of};
 use super::instruments::buckets;
 use super::labels::Direction;
+use super::logging::EXPORT_ERRORS;
 use super::settings::{Export, Protocol};
 
 /// One of the two histograms: what a reader sees of it.
@@ -125,13 +126,7 @@ impl MessageHistograms {
 
     /// Every route's points of both histograms, as of the last hand-over.
     fn points(&self) -> [(&'static Spec, Vec<Point>); 2] {
-        let mut routes: Vec<_> = self
-            .routes
-            .read()
-            .expect("route registry poisoned")
-            .values()
-            .cloned()
-            .collect();
+        let mut routes = routes_of(&self.routes);
         routes.sort_by_key(|r| r.route().as_str());
         let (mut size, mut duration) = (Vec::new(), Vec::new());
         for r in routes {
@@ -214,8 +209,17 @@ impl MessageHistograms {
         m
     }
 
-    /// Both histograms as one OTLP request, with the SDK's resource and scope.
-    fn otlp_request(&self) -> ExportMetricsServiceRequest {
+    /// Both histograms as one OTLP request, with the SDK's resource and scope; `None` while
+    /// there is no route (a library user's server before its first connection).
+    fn otlp_request(&self) -> Option<ExportMetricsServiceRequest> {
+        if self
+            .routes
+            .read()
+            .expect("route registry poisoned")
+            .is_empty()
+        {
+            return None;
+        }
         let start = unix_nanos(self.start);
         let now = unix_nanos(SystemTime::now());
         let metrics = self
@@ -250,7 +254,7 @@ impl MessageHistograms {
             opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema::from(
                 &self.resource,
             );
-        ExportMetricsServiceRequest {
+        Some(ExportMetricsServiceRequest {
             resource_metrics: vec![metrics::ResourceMetrics {
                 resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
                     attributes: resource.attributes.0,
@@ -267,7 +271,7 @@ impl MessageHistograms {
                 }],
                 schema_url: resource.schema_url.unwrap_or_default(),
             }],
-        }
+        })
     }
 }
 
@@ -399,13 +403,7 @@ pub(crate) struct HistogramExporter<E> {
     histograms: Arc<MessageHistograms>,
     transport: Transport,
     endpoint: String,
-    /// Failed sends since the last warning, and when that was (seconds since the start).
-    failures: AtomicU64,
-    warned_at: AtomicU64,
 }
-
-/// At most one warning a minute when the histograms cannot be sent (the collector is down).
-const WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl<E> HistogramExporter<E> {
     pub(crate) fn new(
@@ -419,36 +417,7 @@ impl<E> HistogramExporter<E> {
             histograms,
             transport: Transport::new(export, metadata)?,
             endpoint: export.endpoint.clone(),
-            failures: AtomicU64::new(0),
-            warned_at: AtomicU64::new(0),
         })
-    }
-
-    /// Counts a failed send and warns at most once per [`WARN_EVERY`], with the count.
-    fn failed(&self, err: &str) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        // Seconds since the start, plus one: 0 is "never warned".
-        let now = SystemTime::now()
-            .duration_since(self.histograms.start)
-            .unwrap_or_default()
-            .as_secs()
-            + 1;
-        let last = self.warned_at.load(Ordering::Relaxed);
-        let due = last == 0 || now >= last + WARN_EVERY.as_secs();
-        if due
-            && self
-                .warned_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.failures.store(0, Ordering::Relaxed);
-            tracing::warn!(
-                endpoint = %self.endpoint,
-                error = %err,
-                failures = failures as i64,
-                "cannot export the per-message histograms over OTLP (at most one warning a minute)"
-            );
-        }
     }
 }
 
@@ -458,20 +427,19 @@ impl<E: PushMetricExporter> PushMetricExporter for HistogramExporter<E> {
         // totals read now count every message its counters count.
         let request = self.histograms.otlp_request();
         let ours = async {
-            // No route yet (a library user's server before its first connection): nothing
-            // to send.
-            if request.resource_metrics[0].scope_metrics[0]
-                .metrics
-                .iter()
-                .all(|m| matches!(&m.data, Some(metrics::metric::Data::Histogram(h)) if h.data_points.is_empty()))
-            {
-                return Ok(());
+            match request {
+                Some(request) => self.transport.send(request).await,
+                None => Ok(()),
             }
-            self.transport.send(request).await
         };
         let (sdk, ours) = futures_util::future::join(self.inner.export(metrics), ours).await;
         if let Err(err) = &ours {
-            self.failed(err);
+            tracing::warn!(
+                target: EXPORT_ERRORS,
+                endpoint = %self.endpoint,
+                error = %err,
+                "cannot export the per-message histograms over OTLP"
+            );
         }
         sdk?;
         ours.map_err(OTelSdkError::InternalFailure)
@@ -673,7 +641,9 @@ mod tests {
         echo.record_duration(3_000);
         echo.record_duration(40_000);
         echo.collect();
-        let request = MessageHistograms::new(routes, &resource, &[]).otlp_request();
+        let request = MessageHistograms::new(routes, &resource, &[])
+            .otlp_request()
+            .expect("a route, so a request");
         let rm = &request.resource_metrics[0];
         assert!(
             rm.resource

@@ -124,13 +124,7 @@ impl SamplerSetting {
 
     /// Whether a root span can be sampled at all.
     pub fn samples_roots(self) -> bool {
-        !matches!(
-            self,
-            SamplerSetting::AlwaysOff
-                | SamplerSetting::ParentAlwaysOff
-                | SamplerSetting::Ratio(0.0)
-                | SamplerSetting::ParentRatio(0.0)
-        )
+        self.root_ratio() > 0.0
     }
 }
 
