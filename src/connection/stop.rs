@@ -10,7 +10,8 @@
 //! loads. It joins again only when the task's waker changes (the `WebSocket` moved to another
 //! task) or the token does (a closer was made).
 //!
-//! The standing registration is a small allocation (the token's waiter and a waker, ~120 B), so
+//! The standing registration is two small allocations (the token's 72-byte waiter and a
+//! 24-byte box holding it and a waker, by their types' sizes), so
 //! only a connection that has shown it is busy gets one ([`STANDING_AFTER`] messages): an idle
 //! connection keeps waiting the usual way and costs not a byte more.
 
