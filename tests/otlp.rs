@@ -329,6 +329,75 @@ async fn grpc_exports_every_signal_linked_and_equal_to_metrics_endpoint() {
     );
 }
 
+/// Message spans are encoded and sent by wsotel itself (not the SDK): over HTTP as well as
+/// gRPC, every one arrives, linked to its connection span, under the same resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_carries_every_message_span() {
+    let receiver = Receiver::default();
+    let (l, addr) = listener().await;
+    let _rx = receiver.serve_http(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+        ],
+    );
+    echo_session(server.ws, 9).await;
+    idle(server.admin, 1.0).await;
+    // Before shutdown: the export thread's one-second schedule sends them.
+    let message_spans = |r: &Receiver| {
+        r.spans()
+            .into_iter()
+            .filter(|(_, s)| s.name == "websocket.message")
+            .collect::<Vec<_>>()
+    };
+    eventually("nine message spans over HTTP", || {
+        message_spans(&receiver).len() == 9
+    })
+    .await;
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+
+    let spans = receiver.spans();
+    let (conn_resource, conn) = spans
+        .iter()
+        .find(|(_, s)| s.name == "websocket.connection")
+        .expect("a connection span");
+    let messages = message_spans(&receiver);
+    assert_eq!(messages.len(), 9, "and no more at shutdown");
+    let mut ids = std::collections::HashSet::new();
+    for (resource, m) in &messages {
+        assert_eq!(
+            resource, conn_resource,
+            "the same resource as the SDK's spans"
+        );
+        assert!(ids.insert(m.span_id.clone()), "distinct span ids");
+        assert_eq!(m.trace_id.len(), 16);
+        assert_eq!(m.links.len(), 1);
+        assert_eq!(m.links[0].trace_id, conn.trace_id);
+        assert_eq!(m.links[0].span_id, conn.span_id);
+        assert!(m.start_time_unix_nano > 0 && m.start_time_unix_nano <= m.end_time_unix_nano);
+        assert!(
+            m.start_time_unix_nano >= conn.start_time_unix_nano
+                && m.end_time_unix_nano <= conn.end_time_unix_nano,
+            "within the connection's life"
+        );
+        assert_eq!(
+            attr(&m.attributes, "websocket.message.size").as_deref(),
+            Some("50")
+        );
+        assert_eq!(
+            attr(&m.attributes, "http.route").as_deref(),
+            Some("/ws/echo")
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_works_and_ratio_zero_makes_no_message_spans() {
     let receiver = Receiver::default();
@@ -525,28 +594,56 @@ async fn blackholed_collector_drops_counted_serving_unaffected_exit_bounded() {
             ("OTEL_TRACES_SAMPLER", "always_on"),
         ],
     );
-    // 6000 sampled messages while nothing drains the span queue (2048).
+    // 24,000 sampled messages (16 in flight) while nothing drains the message span queue
+    // (8192): the export thread takes the first 2048 at its early wake and waits out the
+    // timeout on them, then at most one more queue's worth; the rest are dropped.
     let mut ws = connect(&format!("ws://{}/ws/echo", server.ws)).await;
     let started = std::time::Instant::now();
-    for i in 0..6000 {
-        ws.send(Message::text(format!("{i}"))).await.unwrap();
-        assert_eq!(next_data(&mut ws).await, Message::text(format!("{i}")));
+    let n = 24_000;
+    for batch in 0..n / 16 {
+        for i in 0..16 {
+            ws.feed(Message::text(format!("{}", batch * 16 + i)))
+                .await
+                .unwrap();
+        }
+        ws.flush().await.unwrap();
+        for i in 0..16 {
+            assert_eq!(
+                next_data(&mut ws).await,
+                Message::text(format!("{}", batch * 16 + i))
+            );
+        }
     }
     let took = started.elapsed();
     assert!(
         took < Duration::from_secs(30),
-        "serving went on: 6000 echoes in {took:?}"
+        "serving went on: {n} echoes in {took:?}"
     );
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
     let m = scrape(server.admin).await;
+    let messages = (
+        "otel_component_name",
+        "batching_span_processor/websocket.message",
+    );
     let dropped = m.sum(
         "otel_sdk_processor_span_processed_total",
-        &[("error_type", "queue_full")],
+        &[("error_type", "queue_full"), messages],
     );
     assert!(
-        dropped >= 6000.0 - 2048.0 - 600.0,
-        "dropped spans are counted: {dropped}\n{}",
+        dropped >= (n - 2048 - 2 * 8192) as f64,
+        "dropped message spans are counted: {dropped}\n{}",
+        m.text
+    );
+    let handed_on = m.sum("otel_sdk_processor_span_processed_total", &[messages])
+        - dropped
+        - m.sum(
+            "otel_sdk_processor_span_processed_total",
+            &[("error_type", "already_shutdown"), messages],
+        );
+    assert!(
+        (2048.0..=n as f64 - dropped).contains(&handed_on),
+        "the early wake's batch was handed to the exporter: {handed_on}\n{}",
         m.text
     );
     assert_eq!(
@@ -557,7 +654,7 @@ async fn blackholed_collector_drops_counted_serving_unaffected_exit_bounded() {
                 ("websocket_message_type", "text")
             ]
         ),
-        6000.0
+        n as f64
     );
 
     let stop = std::time::Instant::now();

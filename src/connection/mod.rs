@@ -925,9 +925,10 @@ impl Connection {
 
     fn record_message_span(&self, h: &Handled) -> Option<SpanContext> {
         let (spans, conn) = (self.spans.as_ref()?, self.span.as_deref()?);
-        let start = SystemTime::now() - h.received_at.elapsed();
+        let end = SystemTime::now();
         Some(spans.record(
-            start,
+            end - h.received_at.elapsed(),
+            end,
             conn.span_context(),
             self.who.id,
             self.who.route,

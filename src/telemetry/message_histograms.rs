@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::common::v1 as common;
 use opentelemetry_proto::tonic::metrics::v1 as metrics;
 use opentelemetry_sdk::Resource;
@@ -33,7 +32,8 @@ use super::events::{RouteRegistry, routes_of};
 use super::instruments::buckets;
 use super::labels::Direction;
 use super::logging::EXPORT_ERRORS;
-use super::settings::{Export, Protocol};
+use super::settings::Export;
+use super::transport::{Signal, Transport};
 
 /// One of the two histograms: what a reader sees of it.
 struct Spec {
@@ -305,97 +305,6 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// How the histograms' request travels: the transport and headers of the metrics export.
-enum Transport {
-    Grpc {
-        /// Boxed: the channel is large and there is one transport per process.
-        client: Box<MetricsServiceClient<tonic::transport::Channel>>,
-        metadata: tonic::metadata::MetadataMap,
-        timeout: Duration,
-    },
-    Http {
-        client: reqwest::blocking::Client,
-        url: String,
-        headers: Vec<(String, String)>,
-    },
-}
-
-impl Transport {
-    /// For the metrics export `e`. gRPC needs the Tokio runtime (the channel's worker runs
-    /// there); the blocking HTTP client is made on a thread of its own, as the SDK's is.
-    fn new(e: &Export, metadata: tonic::metadata::MetadataMap) -> Result<Self, String> {
-        match e.protocol {
-            Protocol::Grpc => {
-                let channel = tonic::transport::Endpoint::from_shared(e.endpoint.clone())
-                    .map_err(|err| format!("OTLP endpoint {}: {err}", e.endpoint))?
-                    .timeout(e.timeout)
-                    .connect_timeout(e.timeout)
-                    .connect_lazy();
-                Ok(Transport::Grpc {
-                    client: Box::new(MetricsServiceClient::new(channel)),
-                    metadata,
-                    timeout: e.timeout,
-                })
-            }
-            Protocol::HttpProtobuf => {
-                let timeout = e.timeout;
-                let client = std::thread::spawn(move || {
-                    reqwest::blocking::Client::builder()
-                        .timeout(timeout)
-                        .build()
-                })
-                .join()
-                .map_err(|_| "building the OTLP HTTP client panicked".to_owned())?
-                .map_err(|err| format!("OTLP HTTP client: {err}"))?;
-                Ok(Transport::Http {
-                    client,
-                    url: e.endpoint.clone(),
-                    headers: e.headers.clone(),
-                })
-            }
-        }
-    }
-
-    async fn send(&self, request: ExportMetricsServiceRequest) -> Result<(), String> {
-        match self {
-            Transport::Grpc {
-                client,
-                metadata,
-                timeout,
-            } => {
-                let mut req = tonic::Request::new(request);
-                *req.metadata_mut() = metadata.clone();
-                req.set_timeout(*timeout);
-                MetricsServiceClient::clone(client)
-                    .export(req)
-                    .await
-                    .map(drop)
-                    .map_err(|status| format!("{}: {}", status.code(), status.message()))
-            }
-            Transport::Http {
-                client,
-                url,
-                headers,
-            } => {
-                use prost::Message;
-                let mut req = client
-                    .post(url)
-                    .header("content-type", "application/x-protobuf")
-                    .body(request.encode_to_vec());
-                for (k, v) in headers {
-                    req = req.header(k, v);
-                }
-                let response = req.send().map_err(|err| err.to_string())?;
-                if response.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(format!("HTTP {}", response.status()))
-                }
-            }
-        }
-    }
-}
-
 /// The SDK's OTLP metric exporter, plus the per-message histograms in a request of their own
 /// on every export.
 pub(crate) struct HistogramExporter<E> {
@@ -415,7 +324,7 @@ impl<E> HistogramExporter<E> {
         Ok(HistogramExporter {
             inner,
             histograms,
-            transport: Transport::new(export, metadata)?,
+            transport: Transport::new(export, Signal::Metrics, metadata)?,
             endpoint: export.endpoint.clone(),
         })
     }
@@ -428,7 +337,10 @@ impl<E: PushMetricExporter> PushMetricExporter for HistogramExporter<E> {
         let request = self.histograms.otlp_request();
         let ours = async {
             match request {
-                Some(request) => self.transport.send(request).await,
+                Some(request) => {
+                    use prost::Message;
+                    self.transport.send(request.encode_to_vec()).await
+                }
                 None => Ok(()),
             }
         };

@@ -13,11 +13,13 @@ pub mod labels;
 pub mod log_limit;
 pub mod logging;
 mod message_histograms;
+mod message_spans;
 pub mod otlp;
 pub mod process;
 pub mod settings;
 mod tally;
 pub mod traces;
+mod transport;
 
 use std::collections::HashSet;
 
@@ -127,9 +129,11 @@ impl Telemetry {
             otlp::tracer_provider(settings, &resource).map_err(TelemetryError::Config)?;
         let logger_provider =
             otlp::logger_provider(settings, &resource).map_err(TelemetryError::Config)?;
+        let messages = otlp::message_spans(settings, &resource).map_err(TelemetryError::Config)?;
         let spans = tracer_provider
             .as_ref()
-            .map(|tp| Spans::new(tp, settings.sampler));
+            .zip(messages)
+            .map(|(tp, messages)| Spans::new(tp, settings.sampler, messages));
         let meter = meter_provider.meter_with_scope(
             opentelemetry::InstrumentationScope::builder(SCOPE)
                 .with_version(env!("CARGO_PKG_VERSION"))
@@ -194,10 +198,11 @@ impl Telemetry {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
-    /// Flushes and shuts the providers down in the order tracer, logger, meter (so the last
-    /// spans' and logs' metrics are still recorded), within `bound` in all. Errors are logged,
+    /// Flushes and shuts the providers down in the order message spans, tracer, logger, meter
+    /// (so the last spans' and logs' metrics are still recorded), within `bound` in all. Errors are logged,
     /// never panicked on; a collector that does not answer cannot hold the exit past `bound`.
     pub fn shutdown(&self, bound: Duration) {
+        let messages = self.spans.as_ref().map(|s| s.messages().clone());
         let tracer = self.tracer_provider.clone();
         let logger = self.logger_provider.clone();
         let meter = self.meter_provider.clone();
@@ -206,6 +211,11 @@ impl Telemetry {
             .name("wsotel-telemetry-shutdown".into())
             .spawn(move || {
                 let mut errors = Vec::new();
+                if let Some(m) = messages
+                    && let Err(e) = m.shutdown(bound)
+                {
+                    errors.push(format!("message spans: {e}"));
+                }
                 if let Some(t) = tracer
                     && let Err(e) = t.shutdown()
                 {

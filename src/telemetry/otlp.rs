@@ -2,7 +2,8 @@
 //! [`OtlpSettings`].
 //!
 //! Every pipeline is bounded: spans and log records wait in the SDK's batch queues (2048 each,
-//! dropped beyond), metrics are aggregates. Exports run on the SDK's own threads, never on the
+//! dropped beyond), message spans in their own queue (8192, module `message_spans`), metrics
+//! are aggregates. Exports run on the SDK's own threads, never on the
 //! server's runtime workers, so a slow or absent collector cannot slow message handling.
 
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use opentelemetry_sdk::metrics::{PeriodicReader, Temporality};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use super::message_histograms::{HistogramExporter, MessageHistograms};
+use super::message_spans::MessageSpans;
 use super::settings::{Export, OtlpSettings, Protocol};
-use super::traces::MessageAwareSampler;
 
 /// Queue bound of the span and log batch processors.
 const QUEUE: usize = 2048;
@@ -77,10 +78,23 @@ pub(crate) fn tracer_provider(
     Ok(Some(
         SdkTracerProvider::builder()
             .with_resource(resource.clone())
-            .with_sampler(MessageAwareSampler::new(settings.sampler.sampler()))
+            .with_sampler(settings.sampler.sampler())
             .with_span_processor(processor)
             .build(),
     ))
+}
+
+/// The message span queue and its export thread, when traces are exported (message spans do
+/// not go through the tracer provider: module `message_spans`). Build it after the global
+/// meter provider is set: it counts on it as the SDK's span processor does.
+pub(crate) fn message_spans(
+    settings: &OtlpSettings,
+    resource: &Resource,
+) -> Result<Option<MessageSpans>, String> {
+    let Some(export) = &settings.traces else {
+        return Ok(None);
+    };
+    MessageSpans::start(export, metadata(&export.headers)?, resource).map(Some)
 }
 
 /// The logger provider, when logs are exported.

@@ -412,7 +412,7 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// The calling thread's slot: one of `0..SLOTS` held by this thread alone, or past them.
 #[inline]
-fn thread_slot() -> usize {
+pub(crate) fn thread_slot() -> usize {
     // While the thread's locals are torn down: the overflow shard, behind its mutex.
     SLOT.try_with(|s| s.0.get()).unwrap_or(usize::MAX)
 }

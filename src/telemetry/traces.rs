@@ -12,29 +12,27 @@
 //! - Each handled message may get a span of its own, sampled by the configured sampler. A
 //!   long-lived connection must not grow one unbounded trace, so message spans are **roots of
 //!   their own traces, linked to the connection span**. They are built with the OpenTelemetry
-//!   API directly (not `tracing`), and the sampling decision is taken *before* anything is
-//!   allocated: a message span is a root, and every configured sampler decides a root by a
-//!   fixed probability (1, 0 or the ratio), so an unsampled message costs one draw of a
-//!   per-thread random number against that probability (the SDK's own call made a trace id
-//!   and a sampling result per message: 1.6% of the server's CPU at 16 in flight). The
-//!   provider's sampler ([`MessageAwareSampler`]) then records the message spans already
-//!   chosen, so the configured sampler decides exactly once per message.
+//!   SDK's span pipeline: a sampled one is a plain record queued for a thread of its own that
+//!   encodes it to OTLP (module `message_spans` says why and how). The sampling decision is
+//!   taken *before* anything else: a message span is a root, and every configured sampler
+//!   decides a root by a fixed probability (1, 0 or the ratio), so an unsampled message costs
+//!   one draw of a per-thread random number against that probability (the SDK's own call made
+//!   a trace id and a sampling result per message: 1.6% of the server's CPU at 16 in flight).
+
+use std::time::SystemTime;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{
-    Link, Span as _, SpanContext, SpanKind, TraceContextExt, TraceId, TraceState, Tracer as _,
-    TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState,
+    Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, SamplingResult, SdkTracer,
-    SdkTracerProvider, ShouldSample,
-};
-
-use super::settings::SamplerSetting;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
 
 use super::labels::{MessageType, Route};
+use super::message_spans::{MessageSpans, Record, unix_nanos};
+use super::settings::SamplerSetting;
 
 /// The span name of message spans.
 pub const MESSAGE_SPAN: &str = "websocket.message";
@@ -49,6 +47,8 @@ pub struct Spans {
     /// A message is sampled when a draw of 63 random bits is below this (the SDK's
     /// `TraceIdRatioBased` rule); `None` when every message is, 0 when none is.
     threshold: Option<u64>,
+    /// Where sampled message spans go (not the SDK's span pipeline).
+    messages: MessageSpans,
 }
 
 /// What was done with a message, for its span.
@@ -63,12 +63,22 @@ pub struct Handling {
 }
 
 impl Spans {
-    pub(crate) fn new(provider: &SdkTracerProvider, sampler: SamplerSetting) -> Self {
+    pub(crate) fn new(
+        provider: &SdkTracerProvider,
+        sampler: SamplerSetting,
+        messages: MessageSpans,
+    ) -> Self {
         let ratio = sampler.root_ratio();
         Spans {
-            tracer: provider.tracer("wsotel"),
+            tracer: provider.tracer(super::SCOPE),
             threshold: (ratio < 1.0).then_some((ratio * (1u64 << 63) as f64) as u64),
+            messages,
         }
+    }
+
+    /// The message span queue, for flushing at shutdown.
+    pub(crate) fn messages(&self) -> &MessageSpans {
+        &self.messages
     }
 
     /// Starts a connection's span, a child of `parent` (the upgrade request's span). The
@@ -108,12 +118,14 @@ impl Spans {
         }
     }
 
-    /// Records a span for one handled message that started at `start`, linked to its
-    /// connection's span.
+    /// Records a span for one handled message, from `start` to `end`, linked to its
+    /// connection's span; returns the message span's context (sampled, a root). Call it only
+    /// for a message [`Spans::sample`] chose.
     #[allow(clippy::too_many_arguments)]
     pub fn record(
         &self,
-        start: std::time::SystemTime,
+        start: SystemTime,
+        end: SystemTime,
         connection: &SpanContext,
         connection_id: u64,
         route: Route,
@@ -121,34 +133,28 @@ impl Spans {
         size: usize,
         handling: Handling,
     ) -> SpanContext {
-        let mut attributes = vec![
-            KeyValue::new("http.route", route.as_str()),
-            KeyValue::new("connection.id", connection_id as i64),
-            KeyValue::new("websocket.message.type", kind.as_str()),
-            KeyValue::new("websocket.message.size", size as i64),
-        ];
-        if let Some(operation) = handling.operation {
-            attributes.push(KeyValue::new("websocket.operation", operation));
-        }
-        if let Some(recipients) = handling.recipients {
-            attributes.push(KeyValue::new("websocket.recipients", recipients as i64));
-        }
-        let links = if connection.is_valid() {
-            vec![Link::with_context(connection.clone())]
-        } else {
-            Vec::new()
-        };
-        let mut span = self
-            .tracer
-            .span_builder(MESSAGE_SPAN)
-            .with_kind(SpanKind::Internal)
-            .with_start_time(start)
-            .with_attributes(attributes)
-            .with_links(links)
-            .start_with_context(&self.tracer, &Context::new());
-        let context = span.span_context().clone();
-        span.end();
-        context
+        // xorshift64* never yields 0, so both ids are valid.
+        let trace_id = (u128::from(draw()) << 64 | u128::from(draw())).to_be_bytes();
+        let span_id = draw().to_be_bytes();
+        self.messages.push(Record {
+            trace_id,
+            span_id,
+            start: unix_nanos(start),
+            end: unix_nanos(end),
+            link: connection.is_valid().then(|| connection.clone()),
+            connection_id,
+            route,
+            kind,
+            size: size as u64,
+            handling,
+        });
+        SpanContext::new(
+            TraceId::from_bytes(trace_id),
+            SpanId::from_bytes(span_id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        )
     }
 
     /// The `PRODUCER` span of a sampled room message handed to the backplane, a child of its
@@ -218,43 +224,6 @@ fn draw() -> u64 {
     })
 }
 
-/// The provider's sampler: the configured one for every span except message spans without a
-/// parent, which [`Spans::sample`] has already sampled with the configured one.
-#[derive(Clone, Debug)]
-pub struct MessageAwareSampler {
-    inner: Sampler,
-}
-
-impl MessageAwareSampler {
-    /// Wraps the configured sampler.
-    pub fn new(inner: Sampler) -> Self {
-        MessageAwareSampler { inner }
-    }
-}
-
-impl ShouldSample for MessageAwareSampler {
-    fn should_sample(
-        &self,
-        parent_context: Option<&Context>,
-        trace_id: TraceId,
-        name: &str,
-        span_kind: &SpanKind,
-        attributes: &[KeyValue],
-        links: &[Link],
-    ) -> SamplingResult {
-        let root = parent_context.is_none_or(|cx| !cx.span().span_context().is_valid());
-        if root && name == MESSAGE_SPAN {
-            return SamplingResult {
-                decision: SamplingDecision::RecordAndSample,
-                attributes: Vec::new(),
-                trace_state: TraceState::default(),
-            };
-        }
-        self.inner
-            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
-    }
-}
-
 /// Reads a W3C `traceparent` (and `tracestate`) from request headers. Returns `None` when it is
 /// absent or malformed: the upgrade then starts a new trace, and never fails because of it.
 pub fn remote_parent(headers: &http::HeaderMap) -> Option<Context> {
@@ -317,8 +286,28 @@ mod tests {
     #[test]
     fn messages_are_sampled_at_the_root_ratio() {
         let provider = SdkTracerProvider::builder().build();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Nothing is recorded: the queue's export thread never sends.
+        let messages = {
+            let _rt = runtime.enter();
+            let export = super::super::settings::Export {
+                endpoint: "http://127.0.0.1:9".into(),
+                protocol: super::super::settings::Protocol::Grpc,
+                timeout: std::time::Duration::from_secs(1),
+                headers: Vec::new(),
+            };
+            MessageSpans::start(
+                &export,
+                tonic::metadata::MetadataMap::new(),
+                &opentelemetry_sdk::Resource::builder().build(),
+            )
+            .unwrap()
+        };
         let fraction = |setting| {
-            let spans = Spans::new(&provider, setting);
+            let spans = Spans::new(&provider, setting, messages.clone());
             let n = 200_000;
             (0..n).filter(|_| spans.sample()).count() as f64 / n as f64
         };
