@@ -6,7 +6,9 @@
 //! export late, `--blackhole` accepts connections and never reads or answers.
 //!
 //! The receiver itself is the workspace crate `otlp-receiver` (the one wsotel's tests use), in
-//! its counting-only mode.
+//! its counting-only mode, which counts spans, points and records by walking each request's
+//! protobuf without building messages: the sink shares the machine's cores with the client and
+//! the server, and a full decode took ~4% of a core from them at 17,000 spans a second.
 
 use otlp_receiver::Receiver;
 use serde_json::json;
