@@ -10,7 +10,8 @@
 //! - **Record**: the span's ids, times, link and attributes go into a plain [`Record`] (no
 //!   heap) pushed onto the calling thread's shard of the queue, behind a mutex nobody else
 //!   takes except the export thread, for a moment, once a batch. At most [`QUEUE`] records
-//!   wait; beyond that they are dropped and counted.
+//!   (176 bytes each: 1.4 MiB) wait, and as many again may be in the export thread's hands;
+//!   beyond that they are dropped and counted.
 //! - **Export**: a thread of its own (`wsotel-spans`) takes the records every second, or as
 //!   soon as [`WAKE_AT`] are waiting, encodes them straight to OTLP protobuf (resource and
 //!   scope encoded once, at start) and sends them with the traces export's protocol,
@@ -215,28 +216,36 @@ impl MessageSpans {
         }
     }
 
-    /// Exports everything queued, within `bound`; after it, new spans are counted as
-    /// `already_shutdown`. The export thread ends when the last handle is dropped.
+    /// Stops taking spans (later ones are counted as `already_shutdown`), then exports
+    /// everything queued, within `bound`. The export thread ends when the last handle is
+    /// dropped, exporting anything a racing push queued after this flush.
     pub(crate) fn shutdown(&self, bound: Duration) -> Result<(), String> {
-        let result = self.flush(bound);
         self.shared.closed.store(true, Ordering::Relaxed);
-        result
+        self.flush(bound)
     }
 
-    /// Exports everything queued now, waiting at most `bound` for the answer.
+    /// Exports everything queued now, waiting at most `bound` in all (for room in the command
+    /// channel, which a stuck export can keep full, and for the answer).
     pub(crate) fn flush(&self, bound: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + bound;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        match self.commands.try_send(Command::Flush(tx)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(Command::Flush(tx))) => {
-                // Wakes are pending; wait for room (the export thread is draining them).
-                self.commands
-                    .send(Command::Flush(tx))
-                    .map_err(|_| "the message span export thread has ended".to_owned())?;
+        let mut command = Command::Flush(tx);
+        loop {
+            match self.commands.try_send(command) {
+                Ok(()) => break,
+                Err(TrySendError::Full(c)) if Instant::now() < deadline => {
+                    command = c;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(TrySendError::Full(_)) => {
+                    return Err(format!("message spans not flushed within {bound:?}"));
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    return Err("the message span export thread has ended".to_owned());
+                }
             }
-            Err(_) => return Err("the message span export thread has ended".to_owned()),
         }
-        rx.recv_timeout(bound)
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
             .map_err(|_| format!("message spans not flushed within {bound:?}"))?
     }
 
@@ -684,6 +693,13 @@ mod tests {
                 ours.resource_spans[0].scope_spans[0].spans[1..]
             );
         }
+    }
+
+    /// The memory bound docs/telemetry.md states: 8192 records of 176 bytes (1.4 MiB) queued,
+    /// as many again being sent.
+    #[test]
+    fn a_record_is_176_bytes() {
+        assert_eq!(std::mem::size_of::<Record>(), 176);
     }
 
     #[test]
