@@ -958,6 +958,56 @@ fn received_text(r: &Receiver) -> f64 {
         .sum()
 }
 
+/// Message spans have a gRPC connection of their own (module `message_spans`): when the
+/// collector restarts between two exports, the next batch goes to the new one, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_spans_survive_a_collector_restart() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let first = Receiver::default();
+    let first_process = first.serve_grpc_process(l);
+    let server = start_with_env(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &format!("http://{addr}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+        ],
+    );
+    let message_spans = |r: &Receiver| {
+        r.spans()
+            .iter()
+            .filter(|(_, s)| s.name == "websocket.message")
+            .count()
+    };
+    echo_session(server.ws, 10).await;
+    eventually("the first 10", || message_spans(&first) == 10).await;
+
+    // The collector dies (listener and connections closed at once) and is back on the same
+    // port before the next message.
+    tokio::task::spawn_blocking(move || first_process.kill())
+        .await
+        .unwrap();
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let second = Receiver::default();
+    let _second_task = second.serve_grpc(l);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    echo_session(server.ws, 6).await;
+    eventually("the next 6, at the new collector", || {
+        message_spans(&second) == 6
+    })
+    .await;
+
+    server.sigterm();
+    let (code, _) = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(message_spans(&first), 10);
+    assert_eq!(message_spans(&second), 6, "none twice");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_collector_exports_resume_with_cumulative_counts() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

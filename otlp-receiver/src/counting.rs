@@ -300,7 +300,6 @@ mod tests {
                         })),
                         metric(Data::Gauge(m::Gauge {
                             data_points: vec![point.clone(); 2],
-                            ..Default::default()
                         })),
                         metric(Data::Histogram(m::Histogram {
                             data_points: vec![

@@ -15,8 +15,9 @@
 //! - **Export**: a thread of its own (`wsotel-spans`) takes the records every second, or as
 //!   soon as [`WAKE_AT`] are waiting, encodes them straight to OTLP protobuf (resource and
 //!   scope encoded once, at start) and sends them with the traces export's protocol,
-//!   endpoint, headers and timeout. gRPC runs on a current-thread runtime of its own, so no
-//!   export work lands on the server's workers.
+//!   endpoint, headers and timeout. gRPC runs on a one-worker runtime of its own
+//!   (`wsotel-spans-io`, which keeps the connection alive between exports), so no export work
+//!   lands on the server's workers.
 //! - **Accounting**: the SDK's own self-metric `otel.sdk.processor.span.processed` (same
 //!   meter, name, unit and description as the SDK's batch span processor) counts what was
 //!   handed to the exporter, and with `error.type` what was dropped (`queue_full`) or came
@@ -161,7 +162,12 @@ impl MessageSpans {
         metadata: tonic::metadata::MetadataMap,
         resource: &Resource,
     ) -> Result<Self, String> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        // One worker of its own drives the gRPC connection all the time, not only during a
+        // send: a collector that restarts between two exports is noticed when it closes the
+        // connection, and the next export reconnects instead of failing on a dead one.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wsotel-spans-io")
             .enable_all()
             .build()
             .map_err(|err| format!("message span export runtime: {err}"))?;
@@ -716,10 +722,6 @@ mod tests {
     /// is queued.
     #[test]
     fn the_queue_is_bounded_and_flushes() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         // Accepts connections (the kernel does) and never answers.
         let blackhole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let export = Export {
@@ -728,15 +730,12 @@ mod tests {
             headers: Vec::new(),
             timeout: Duration::from_millis(500),
         };
-        let spans = {
-            let _rt = runtime.enter();
-            MessageSpans::start(
-                &export,
-                tonic::metadata::MetadataMap::new(),
-                &Resource::builder().build(),
-            )
-            .unwrap()
-        };
+        let spans = MessageSpans::start(
+            &export,
+            tonic::metadata::MetadataMap::new(),
+            &Resource::builder().build(),
+        )
+        .unwrap();
         let r = record("/ws/echo", Handling::default(), 1);
         for _ in 0..WAKE_AT {
             spans.push(r.clone());

@@ -286,26 +286,19 @@ mod tests {
     #[test]
     fn messages_are_sampled_at_the_root_ratio() {
         let provider = SdkTracerProvider::builder().build();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
         // Nothing is recorded: the queue's export thread never sends.
-        let messages = {
-            let _rt = runtime.enter();
-            let export = super::super::settings::Export {
-                endpoint: "http://127.0.0.1:9".into(),
-                protocol: super::super::settings::Protocol::Grpc,
-                timeout: std::time::Duration::from_secs(1),
-                headers: Vec::new(),
-            };
-            MessageSpans::start(
-                &export,
-                tonic::metadata::MetadataMap::new(),
-                &opentelemetry_sdk::Resource::builder().build(),
-            )
-            .unwrap()
+        let export = super::super::settings::Export {
+            endpoint: "http://127.0.0.1:9".into(),
+            protocol: super::super::settings::Protocol::Grpc,
+            timeout: std::time::Duration::from_secs(1),
+            headers: Vec::new(),
         };
+        let messages = MessageSpans::start(
+            &export,
+            tonic::metadata::MetadataMap::new(),
+            &opentelemetry_sdk::Resource::builder().build(),
+        )
+        .unwrap();
         let fraction = |setting| {
             let spans = Spans::new(&provider, setting, messages.clone());
             let n = 200_000;
