@@ -15,9 +15,9 @@
 //! - **Export**: a thread of its own (`wsotel-spans`) takes the records every second, or as
 //!   soon as [`WAKE_AT`] are waiting, encodes them straight to OTLP protobuf (resource and
 //!   scope encoded once, at start) and sends them with the traces export's protocol,
-//!   endpoint, headers and timeout. gRPC runs on a one-worker runtime of its own
-//!   (`wsotel-spans-io`, which keeps the connection alive between exports), so no export work
-//!   lands on the server's workers.
+//!   endpoint, headers and timeout. The thread runs a current-thread runtime of its own, which
+//!   drives the gRPC connection between exports too (a collector's restart is seen at once),
+//!   so no export work lands on the server's workers.
 //! - **Accounting**: the SDK's own self-metric `otel.sdk.processor.span.processed` (same
 //!   meter, name, unit and description as the SDK's batch span processor) counts what was
 //!   handed to the exporter, and with `error.type` what was dropped (`queue_full`) or came
@@ -30,9 +30,12 @@
 //! field. Every other span (upgrade, connection, backplane) still goes through the SDK.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::SyncSender;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::Receiver;
+use tokio::sync::mpsc::error::TrySendError;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::BoundCounter;
@@ -144,7 +147,7 @@ enum Command {
 #[derive(Clone)]
 pub(crate) struct MessageSpans {
     shared: Arc<Shared>,
-    commands: SyncSender<Command>,
+    commands: tokio::sync::mpsc::Sender<Command>,
 }
 
 impl std::fmt::Debug for MessageSpans {
@@ -162,12 +165,11 @@ impl MessageSpans {
         metadata: tonic::metadata::MetadataMap,
         resource: &Resource,
     ) -> Result<Self, String> {
-        // One worker of its own drives the gRPC connection all the time, not only during a
-        // send: a collector that restarts between two exports is noticed when it closes the
-        // connection, and the next export reconnects instead of failing on a dead one.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("wsotel-spans-io")
+        // The export thread runs its loop on this runtime, so the gRPC connection is driven
+        // all the time, not only during a send: a collector that restarts between two
+        // exports is noticed when it closes the connection, and the next export reconnects
+        // instead of failing on a dead one.
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|err| format!("message span export runtime: {err}"))?;
@@ -182,17 +184,16 @@ impl MessageSpans {
             closed: AtomicBool::new(false),
             counts: Counts::new(),
         });
-        let (commands, rx) = std::sync::mpsc::sync_channel(4);
+        let (commands, rx) = tokio::sync::mpsc::channel(4);
         let exporter = Exporter {
             shared: shared.clone(),
             encoder: Encoder::new(resource),
-            transport,
-            runtime,
+            transport: Arc::new(transport),
             endpoint: export.endpoint.clone(),
         };
         std::thread::Builder::new()
             .name("wsotel-spans".into())
-            .spawn(move || exporter.run(rx))
+            .spawn(move || runtime.block_on(exporter.run(rx)))
             .map_err(|err| format!("cannot start the message span export thread: {err}"))?;
         Ok(MessageSpans { shared, commands })
     }
@@ -246,7 +247,7 @@ impl MessageSpans {
                 Err(TrySendError::Full(_)) => {
                     return Err(format!("message spans not flushed within {bound:?}"));
                 }
-                Err(TrySendError::Disconnected(_)) => {
+                Err(TrySendError::Closed(_)) => {
                     return Err("the message span export thread has ended".to_owned());
                 }
             }
@@ -265,38 +266,38 @@ impl MessageSpans {
 struct Exporter {
     shared: Arc<Shared>,
     encoder: Encoder,
-    transport: Transport,
-    runtime: tokio::runtime::Runtime,
+    transport: Arc<Transport>,
     endpoint: String,
 }
 
 impl Exporter {
-    fn run(mut self, commands: Receiver<Command>) {
-        let mut next = Instant::now() + DELAY;
+    async fn run(mut self, mut commands: Receiver<Command>) {
         let mut taken = Vec::new();
+        let mut schedule = tokio::time::interval_at(tokio::time::Instant::now() + DELAY, DELAY);
+        schedule.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wait = next.saturating_duration_since(Instant::now());
-            match commands.recv_timeout(wait) {
-                Ok(Command::Wake) => {
-                    let _ = self.export(&mut taken);
-                }
-                Ok(Command::Flush(reply)) => {
-                    let _ = reply.send(self.export(&mut taken));
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.export(&mut taken);
-                    next = Instant::now() + DELAY;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.export(&mut taken);
-                    return;
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(Command::Wake) => {
+                        let _ = self.export(&mut taken).await;
+                    }
+                    Some(Command::Flush(reply)) => {
+                        let _ = reply.send(self.export(&mut taken).await);
+                    }
+                    None => {
+                        let _ = self.export(&mut taken).await;
+                        return;
+                    }
+                },
+                _ = schedule.tick() => {
+                    let _ = self.export(&mut taken).await;
                 }
             }
         }
     }
 
     /// Takes every waiting record and sends them, [`PER_REQUEST`] at a time.
-    fn export(&mut self, taken: &mut Vec<Record>) -> Result<(), String> {
+    async fn export(&mut self, taken: &mut Vec<Record>) -> Result<(), String> {
         for shard in &self.shared.shards {
             let mut records = shard.0.lock().unwrap_or_else(|e| e.into_inner());
             if !records.is_empty() {
@@ -310,7 +311,7 @@ impl Exporter {
         for chunk in taken.chunks(PER_REQUEST) {
             self.shared.counts.processed.add(chunk.len() as u64);
             let body = self.encoder.request(chunk);
-            if let Err(err) = self.transport.send_blocking(&self.runtime, body) {
+            if let Err(err) = Transport::send_from_runtime(&self.transport, body).await {
                 tracing::warn!(
                     target: EXPORT_ERRORS,
                     endpoint = %self.endpoint,

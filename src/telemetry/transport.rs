@@ -5,6 +5,7 @@
 //! `Export` method, HTTP posts it as `application/x-protobuf`. The response is not read beyond
 //! its status (the SDK's exporters do not act on partial success either).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
@@ -94,16 +95,17 @@ impl Transport {
         }
     }
 
-    /// Sends one encoded request from a plain thread that owns `runtime` (gRPC runs on it;
-    /// HTTP blocks outside it, where the blocking client may be used).
-    pub(crate) fn send_blocking(
-        &self,
-        runtime: &tokio::runtime::Runtime,
-        body: Vec<u8>,
-    ) -> Result<(), String> {
-        match self {
-            Transport::Grpc { .. } => runtime.block_on(self.grpc(body)),
-            Transport::Http { .. } => self.http(body),
+    /// Sends one encoded request from a task on a Tokio runtime: HTTP, which blocks, goes to
+    /// the runtime's blocking pool (where the blocking client may be used).
+    pub(crate) async fn send_from_runtime(this: &Arc<Self>, body: Vec<u8>) -> Result<(), String> {
+        match &**this {
+            Transport::Grpc { .. } => this.grpc(body).await,
+            Transport::Http { .. } => {
+                let this = this.clone();
+                tokio::task::spawn_blocking(move || this.http(body))
+                    .await
+                    .unwrap_or_else(|err| Err(format!("the OTLP HTTP send failed: {err}")))
+            }
         }
     }
 
