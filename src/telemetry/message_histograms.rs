@@ -16,7 +16,7 @@
 //!   export errors: at most once a minute, and never as an exported log record.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1 as common;
@@ -33,7 +33,7 @@ use super::instruments::buckets;
 use super::labels::Direction;
 use super::logging::EXPORT_ERRORS;
 use super::settings::Export;
-use super::transport::{Signal, Transport};
+use super::transport::{Signal, Transport, unix_nanos};
 
 /// One of the two histograms: what a reader sees of it.
 struct Spec {
@@ -297,12 +297,6 @@ fn string_kv(k: &str, v: &str) -> common::KeyValue {
         }),
         ..Default::default()
     }
-}
-
-fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// The SDK's OTLP metric exporter, plus the per-message histograms in a request of their own

@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::SyncSender;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::Receiver;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -526,17 +526,10 @@ mod pb {
     }
 }
 
-/// Unix nanoseconds of `t` (0 before the epoch).
-pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     use opentelemetry::trace::{
         Link, Span as _, SpanContext, SpanId, SpanKind, TraceFlags, TraceId, TraceState,

@@ -31,8 +31,9 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracer, SdkTracerProvider};
 
 use super::labels::{MessageType, Route};
-use super::message_spans::{MessageSpans, Record, unix_nanos};
+use super::message_spans::{MessageSpans, Record};
 use super::settings::SamplerSetting;
+use super::transport::unix_nanos;
 
 /// The span name of message spans.
 pub const MESSAGE_SPAN: &str = "websocket.message";

@@ -6,7 +6,7 @@
 //! its status (the SDK's exporters do not act on partial success either).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -152,6 +152,13 @@ impl Transport {
             Err(err) => Err(err.to_string()),
         }
     }
+}
+
+/// Unix nanoseconds of `t` (0 before the epoch), as OTLP timestamps are.
+pub(crate) fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// A gRPC codec for bodies that are already protobuf; the response is read and discarded.
