@@ -199,8 +199,9 @@ impl Telemetry {
     }
 
     /// Flushes and shuts the providers down in the order message spans, tracer, logger, meter
-    /// (so the last spans' and logs' metrics are still recorded), within `bound` in all. Errors are logged,
-    /// never panicked on; a collector that does not answer cannot hold the exit past `bound`.
+    /// (so the last spans' and logs' metrics are still recorded), within `bound` in all.
+    /// Errors are logged, never panicked on; a collector that does not answer cannot hold the
+    /// exit past `bound`.
     pub fn shutdown(&self, bound: Duration) {
         let messages = self.spans.as_ref().map(|s| s.messages().clone());
         let tracer = self.tracer_provider.clone();

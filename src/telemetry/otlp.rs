@@ -3,8 +3,11 @@
 //!
 //! Every pipeline is bounded: spans and log records wait in the SDK's batch queues (2048 each,
 //! dropped beyond), message spans in their own queue (8192, module `message_spans`), metrics
-//! are aggregates. Exports run on the SDK's own threads, never on the
-//! server's runtime workers, so a slow or absent collector cannot slow message handling.
+//! are aggregates. Exports wait on threads of their own (the SDK's, and `wsotel-spans`), never
+//! on the server's runtime workers, so a slow or absent collector cannot slow message
+//! handling. The SDK's gRPC channels are made here, inside the server's runtime, so their
+//! connection tasks run on its workers (they only move bytes); the message spans' channel
+//! runs on `wsotel-spans`' own runtime.
 
 use std::sync::Arc;
 use std::time::Duration;
